@@ -1,0 +1,103 @@
+"""Batched generation on the host side: bucket, pad, prefill, decode.
+
+    gen = Generator(lm.cfg, lm.params, GenerateConfig(batch_size=8, max_new_tokens=64), eos_ids=lm.eos_ids)
+    out = gen.generate([[...ids...], [...ids...]], sequence_ids=[0, 1]).to_host()
+
+Shapes are static per bucket: the batch is always `batch_size` rows (filler rows start stopped)
+and prompts are right-padded to the smallest bucket that fits, so a second batch in the same
+bucket reuses the compiled prefill and decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from harvest.config import ModelConfig
+from harvest.decode import DecodeConfig, decode
+from harvest.hooks import Hook
+from harvest.prefill import prefill
+from harvest.sampling import SamplingConfig, row_keys
+from harvest.stopping import StopRules
+
+# Multiples of 128 above 128 so attention blocks divide them; ~1.25-1.5x apart, since prefill is
+# compute-bound and padding is paid at full price.
+DEFAULT_BUCKETS = (64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 2048, 2560, 3072, 4096, 5120,
+                   6144, 7168, 8192, 9216, 10240)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    sampling: SamplingConfig = SamplingConfig()
+    ignore_eos: bool = False
+    stop_strings: tuple[str, ...] = ()
+    seed: int = 0
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    attention_chunk: int = 512      # prefill attention block; memory is O(B*H*chunk^2)
+    prefill_hooks: tuple[Hook, ...] = ()
+    decode_hooks: tuple[Hook, ...] = ()
+
+    def bucket_for(self, length: int) -> int:
+        for b in sorted(self.buckets):
+            if b >= length:
+                return b
+        raise ValueError(f"prompt of {length} tokens exceeds the largest bucket {max(self.buckets)}")
+
+
+@dataclasses.dataclass
+class BatchOutput:
+    """One batch's results. Arrays stay on device until `to_host`, so the caller can hand them to
+    a writer thread and dispatch the next batch meanwhile."""
+    rows: int                          # real rows (the first `rows` of the batch)
+    lengths: np.ndarray                # [rows] prompt lengths
+    tokens: jax.Array                  # [B, T]
+    num_generated: jax.Array           # [B]
+    stop_reason: jax.Array             # [B]
+    prefill_acts: dict[str, jax.Array]  # name -> [B, P, width]
+    decode_acts: dict[str, jax.Array]   # name -> [B, T, width]
+
+    def to_host(self) -> "BatchOutput":
+        get = lambda x: np.asarray(jax.device_get(x))[: self.rows]  # noqa: E731
+        return BatchOutput(self.rows, self.lengths, get(self.tokens), get(self.num_generated),
+                           get(self.stop_reason), {k: get(v) for k, v in self.prefill_acts.items()},
+                           {k: get(v) for k, v in self.decode_acts.items()})
+
+    def generated(self, row: int) -> np.ndarray:
+        return np.asarray(self.tokens[row][: int(self.num_generated[row])])
+
+
+class Generator:
+    def __init__(self, cfg: ModelConfig, params, gcfg: GenerateConfig, *, eos_ids=(), token_bytes=None):
+        if gcfg.batch_size < 1 or gcfg.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        self.cfg, self.params, self.gcfg = cfg, params, gcfg
+        self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.ignore_eos, gcfg.decode_hooks)
+        rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)
+        self.is_eos, self.stop_table, self.stop_lengths = rules.tables(cfg.vocab_size)
+
+    def generate(self, prompts: list[list[int]], sequence_ids: list[int]) -> BatchOutput:
+        g = self.gcfg
+        n = len(prompts)
+        if not 0 < n <= g.batch_size:
+            raise ValueError(f"got {n} prompts for a batch of {g.batch_size}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        lengths = np.array([len(p) for p in prompts] + [1] * (g.batch_size - n), np.int32)
+        bucket = g.bucket_for(int(lengths.max()))
+        tokens = np.zeros((g.batch_size, bucket), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = p
+        active = np.arange(g.batch_size) < n
+        ids = np.array(list(sequence_ids) + [0] * (g.batch_size - n), np.uint32)
+        cache, logits, prefill_acts = prefill(
+            self.cfg, self.params, jnp.asarray(tokens), jnp.asarray(lengths), hooks=g.prefill_hooks,
+            cache_len=bucket + g.max_new_tokens, max_chunk=g.attention_chunk)
+        out = decode(self.cfg, self.dcfg, self.params, cache, logits, jnp.asarray(lengths), jnp.asarray(active),
+                     row_keys(g.seed, ids), self.is_eos, self.stop_table, self.stop_lengths, prompt_len=bucket)
+        return BatchOutput(n, lengths[:n], out["tokens"], out["num_generated"], out["stop_reason"],
+                           prefill_acts, out["acts"])

@@ -1,0 +1,60 @@
+"""Token choice: greedy, temperature, top-k, top-p, with a per-row RNG stream.
+
+Each row owns a key derived from its sequence id (not its batch slot) and folds in the step, so
+a sequence samples the same tokens whatever batch it lands in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0   # 0 means greedy
+    top_k: int = 0             # 0 means off
+    top_p: float = 1.0         # 1 means off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def row_keys(seed: int, sequence_ids) -> jax.Array:
+    """One key per row from the run seed and each row's sequence id. [B] keys."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(sequence_ids, jnp.uint32))
+
+
+def sample(cfg: SamplingConfig, logits, keys, step):
+    """logits [B, V] float32, keys [B], step scalar -> tokens [B] int32.
+
+    Order as in transformers: temperature, then top-k, then top-p (on the k survivors only, so
+    we sort k candidates rather than the vocabulary).
+    """
+    if cfg.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        vals, idx = jax.lax.top_k(logits, cfg.top_k)                          # [B, k], sorted
+    else:
+        idx = jnp.argsort(-logits, axis=-1)                                     # [B, V]
+        vals = jnp.take_along_axis(logits, idx, axis=-1)
+    if cfg.top_p < 1.0:
+        probs = jax.nn.softmax(vals, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs                            # mass ranked above
+        vals = jnp.where(before < cfg.top_p, vals, -jnp.inf)                   # keeps >= 1 token
+    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    choice = jax.vmap(jax.random.categorical)(step_keys, vals)                  # [B]
+    return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
