@@ -119,4 +119,5 @@ def decode(cfg: ModelConfig, dcfg: DecodeConfig, params, cache, logits, lengths,
         )
 
     out = jax.lax.while_loop(cond, body, state)
-    return {k: out[k] for k in ("tokens", "num_generated", "stop_reason", "acts")}
+    # The cache is returned only so XLA can alias it to the donated input (an in-place loop).
+    return {k: out[k] for k in ("tokens", "num_generated", "stop_reason", "acts", "cache")}

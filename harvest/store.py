@@ -1,0 +1,472 @@
+"""On-disk format of a harvest run: immutable Zarr v3 shard groups made visible by commit records.
+
+Layout (docs/FORMAT.md is the public contract):
+    RUN/run.json                      provenance + config (written by the run loop)
+    RUN/shards/000012.zarr/           one complete Zarr v3 group, never modified after rename
+    RUN/commits/000012.json           commit record, written LAST; only committed shards exist
+
+Commit protocol for shard i: build `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsync it, rename it to
+`shards/{i:06d}.zarr`, then write `commits/{i:06d}.json` via tmp file + rename. A crash at any point
+leaves either a committed shard or leftovers that `scan_run` deletes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+FORMAT_NAME = "harvest-activations"
+FORMAT_VERSION = 1
+CODECS = ("none", "zstd", "blosc-zstd")
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+DEFAULT_SHARD_BYTES = 128 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20  # inner chunk target; rows are rounded down to a power of two
+BLOSC_BLOCKSIZE = 1 << 20  # with blosc's default blocksize, byte shuffle gains nothing on bf16
+
+# Per-token columns: name -> (dtype, fill). `sequence` and `first_token` are derived by the writer.
+TOKEN_COLUMNS = {
+    "token_id": np.int32,
+    "position": np.int32,
+    "phase": np.int8,  # 0 prefill, 1 decode
+    "segment": np.int8,  # ARC segment code (see the ARC prompt module)
+    "example": np.int16,  # ARC example index, -1 if none
+    "row": np.int16,  # ARC cell row, -1 if the token is not a grid cell
+    "col": np.int16,
+}
+DERIVED_TOKEN_COLUMNS = {"sequence": np.int64, "first_token": np.bool_}
+PHASES = {"prefill": 0, "decode": 1}
+
+# Standard per-sequence columns: name -> kind. Missing or None values get the kind's fill value.
+SEQUENCE_COLUMNS = {
+    "sequence_id": "int", "task_id": "str", "test_index": "int", "augmentation": "str",
+    "sample_index": "int", "prompt_length": "int", "generated_length": "int",
+    "stop_reason": "str", "generated_text": "str", "parsed_ok": "bool", "pred_h": "int",
+    "pred_w": "int", "pixel_accuracy": "float", "correct": "bool",
+}
+OFFSET_COLUMNS = ("token_offset", "token_count")  # where the sequence's tokens sit in the shard
+_KIND_DTYPE = {"int": np.int64, "float": np.float64, "bool": np.bool_, "str": str}
+_KIND_FILL = {"int": -1, "float": float("nan"), "bool": False, "str": ""}
+
+_SHARD_RE = re.compile(r"^(\d+)\.zarr$")
+_COMMIT_RE = re.compile(r"^(\d+)\.json$")
+
+
+class StoreError(RuntimeError):
+    """A malformed record or an inconsistent run folder."""
+
+
+@dataclasses.dataclass
+class SequenceRecord:
+    """One complete sequence: its table row, its per-token columns and its activations.
+
+    tokens: name -> [n] (TOKEN_COLUMNS); acts: hook name -> [n, width] in compute dtype.
+    """
+
+    meta: dict[str, Any]
+    tokens: dict[str, np.ndarray]
+    acts: dict[str, np.ndarray]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens["position"])
+
+
+# ---------------------------------------------------------------- paths
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def commits_dir(self) -> Path:
+        return self.root / "commits"
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    def shard_name(self, index: int) -> str:
+        return f"{index:06d}.zarr"
+
+    def shard_path(self, index: int) -> Path:
+        return self.shards_dir / self.shard_name(index)
+
+    def commit_path(self, index: int) -> Path:
+        return self.commits_dir / f"{index:06d}.json"
+
+
+# ---------------------------------------------------------------- small file helpers
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            _fsync_path(Path(dirpath) / f)
+        _fsync_path(Path(dirpath), directory=True)
+
+
+def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
+    """tmp file + rename: readers see the old file, the new file, or nothing; never half a file."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
+        f.write("\n")
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_path(path.parent, directory=True)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (Path, os.PathLike)):
+        return os.fspath(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_run_metadata(run_dir: str | os.PathLike, meta: dict) -> None:
+    """Write RUN/run.json atomically (the run loop calls this at start and again at the end)."""
+    layout = StoreLayout(run_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(layout.run_json, meta)
+
+
+def read_run_metadata(run_dir: str | os.PathLike) -> dict:
+    """RUN/run.json as a dict; FileNotFoundError if the run has none yet."""
+    with open(StoreLayout(run_dir).run_json) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- codecs and dtypes
+
+
+def storage_numpy_dtype(storage_dtype: str) -> np.dtype:
+    """The dtype of the bits on disk: bfloat16 is kept as uint16 (zarr 3.1 has no bfloat16)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    return np.dtype(np.uint16 if storage_dtype == "bfloat16" else storage_dtype)
+
+
+def to_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Cast compute-dtype activations to the on-disk bits (bit-exact when the dtypes match)."""
+    x = np.asarray(x)
+    if storage_dtype == "bfloat16":
+        return x.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16)
+    return x.astype(storage_dtype, copy=False)
+
+
+def from_storage(x: np.ndarray, logical_dtype: str | None) -> np.ndarray:
+    return x.view(ml_dtypes.bfloat16) if logical_dtype == "bfloat16" else x
+
+
+def codec_config(codec: str, level: int = 1) -> dict:
+    """The codec description recorded in shard attributes and commit records."""
+    if codec == "none":
+        return {"name": "none"}
+    if codec == "zstd":
+        return {"name": "zstd", "level": level}
+    if codec == "blosc-zstd":
+        return {"name": "blosc-zstd", "cname": "zstd", "level": level, "shuffle": "shuffle",
+                "blocksize": BLOSC_BLOCKSIZE}
+    raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+
+
+def _compressors(codec: str, level: int, itemsize: int) -> list:
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [ZstdCodec(level=level)]
+    # typesize must equal the element size or byte shuffle groups the wrong bytes
+    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=itemsize,
+                       blocksize=BLOSC_BLOCKSIZE)]
+
+
+def chunk_rows(width: int, itemsize: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per inner chunk: the largest power of two whose chunk (rows, width) fits chunk_bytes."""
+    rows = max(1, chunk_bytes // (width * itemsize))
+    return 1 << (rows.bit_length() - 1)
+
+
+# ---------------------------------------------------------------- building one shard
+
+
+def _kind_of(values: list) -> str | None:
+    """Infer a column kind from Python/numpy scalars: bool < int < float; anything else is str."""
+    kinds = set()
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, (bool, np.bool_)):
+            kinds.add("bool")
+        elif isinstance(v, (int, np.integer)):
+            kinds.add("int")
+        elif isinstance(v, (float, np.floating)):
+            kinds.add("float")
+        else:
+            kinds.add("str")
+    if not kinds:
+        return None
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds <= {"int", "float"}:
+        return "float"
+    raise StoreError(f"column mixes value kinds {sorted(kinds)}")
+
+
+def _as_str(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=_json_default)
+
+
+def build_sequence_table(metas: list[dict]) -> dict[str, np.ndarray]:
+    """Per-sequence columns: the standard ones with fixed kinds, extras with inferred kinds."""
+    names = list(SEQUENCE_COLUMNS) + sorted({k for m in metas for k in m} - set(SEQUENCE_COLUMNS))
+    table = {}
+    for name in names:
+        if name in OFFSET_COLUMNS:
+            raise StoreError(f"sequence column {name!r} is reserved")
+        values = [m.get(name) for m in metas]
+        kind = SEQUENCE_COLUMNS.get(name) or _kind_of(values)
+        if kind is None:
+            continue  # an extra column that is None everywhere carries nothing
+        fill = _KIND_FILL[kind]
+        values = [fill if v is None else v for v in values]
+        if kind == "str":
+            table[name] = np.array([_as_str(v) for v in values], dtype=object)
+        else:
+            table[name] = np.asarray(values, dtype=_KIND_DTYPE[kind])
+    return table
+
+
+def validate_record(rec: SequenceRecord, hooks: dict[str, int]) -> None:
+    if "sequence_id" not in rec.meta:
+        raise StoreError("sequence meta has no 'sequence_id'")
+    sid = rec.meta["sequence_id"]
+    missing = set(TOKEN_COLUMNS) - set(rec.tokens)
+    if missing:
+        raise StoreError(f"sequence {sid}: missing token columns {sorted(missing)}")
+    n = rec.num_tokens
+    for name, col in rec.tokens.items():
+        if np.shape(col) != (n,):
+            raise StoreError(f"sequence {sid}: token column {name!r} has shape {np.shape(col)}, want ({n},)")
+    if set(rec.acts) != set(hooks):
+        raise StoreError(f"sequence {sid}: hooks {sorted(rec.acts)} != writer hooks {sorted(hooks)}")
+    for name, a in rec.acts.items():
+        if np.shape(a) != (n, hooks[name]):
+            raise StoreError(f"sequence {sid}: {name} has shape {np.shape(a)}, want ({n}, {hooks[name]})")
+    pos = np.asarray(rec.tokens["position"])
+    if n > 1 and not np.all(np.diff(pos) > 0):
+        raise StoreError(f"sequence {sid}: positions are not strictly increasing")
+    if n > 1 and not np.all(np.diff(np.asarray(rec.tokens["phase"])) >= 0):
+        raise StoreError(f"sequence {sid}: decode tokens come before prefill tokens")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class ShardWriter:
+    """Writes one complete shard per `write` call, then commits it. Not thread-safe: one per thread.
+
+    hooks: name -> width. Records passed to `write` must already be validated and their acts
+    already cast to storage bits (see `prepare_record`), so the writer thread holds compact data.
+    """
+
+    def __init__(self, run_dir, hooks: dict[str, int], storage_dtype: str = "bfloat16",
+                 codec: str = "blosc-zstd", codec_level: int = 1,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES, fsync: bool = True):
+        self.layout = StoreLayout(run_dir)
+        self.hooks = dict(hooks)
+        self.storage_dtype = storage_dtype
+        self.np_dtype = storage_numpy_dtype(storage_dtype)
+        self.codec = codec_config(codec, codec_level)  # validates the name
+        self.codec_name, self.codec_level = codec, codec_level
+        self.chunk_bytes = chunk_bytes
+        self.fsync = fsync
+        self.layout.shards_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.commits_dir.mkdir(parents=True, exist_ok=True)
+
+    def prepare_record(self, rec: SequenceRecord) -> SequenceRecord:
+        """Validate and cast to storage bits (halves host RAM for float32 -> bfloat16)."""
+        validate_record(rec, self.hooks)
+        acts = {k: to_storage(v, self.storage_dtype) for k, v in rec.acts.items()}
+        tokens = {k: np.asarray(v) for k, v in rec.tokens.items()}
+        return SequenceRecord(dict(rec.meta), tokens, acts)
+
+    def record_bytes(self, rec: SequenceRecord) -> int:
+        return rec.num_tokens * sum(self.hooks.values()) * self.np_dtype.itemsize
+
+    def write(self, index: int, records: list[SequenceRecord]) -> dict:
+        """Build shard `index` from prepared records under a temp name, rename, commit. -> commit record."""
+        if not records:
+            raise StoreError("a shard needs at least one sequence")
+        final = self.layout.shard_path(index)
+        if self.layout.commit_path(index).exists():
+            raise StoreError(f"shard {index} is already committed; shards are immutable")
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            info = self._build(tmp, index, records)
+            if self.fsync:
+                _fsync_tree(tmp)
+            if final.exists():  # an uncommitted leftover of a crash: never visible, safe to drop
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            if self.fsync:
+                _fsync_path(final.parent, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        info["bytes"] = _dir_bytes(final)
+        info["acts_bytes"] = _dir_bytes(final / "acts")
+        info["committed_at"] = time.time()
+        write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync)  # the commit point
+        return info
+
+    def _build(self, path: Path, index: int, records: list[SequenceRecord]) -> dict:
+        counts = np.array([r.num_tokens for r in records], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        n = int(counts.sum())
+        sids = [int(r.meta["sequence_id"]) for r in records]
+        if len(set(sids)) != len(sids):
+            raise StoreError("duplicate sequence ids within one shard")
+
+        tokens = {k: np.concatenate([np.asarray(r.tokens[k]) for r in records]).astype(dt, copy=False)
+                  for k, dt in TOKEN_COLUMNS.items()}  # each [n]
+        tokens["sequence"] = np.repeat(np.asarray(sids, dtype=np.int64), counts)
+        tokens["first_token"] = tokens["position"] == 0  # attention-sink rows: mask, never drop
+        table = build_sequence_table([r.meta for r in records])
+        table["token_offset"], table["token_count"] = offsets, counts
+
+        hooks_attr = {h: {"width": w, "storage_dtype": str(self.np_dtype), "logical_dtype": self.storage_dtype}
+                      for h, w in self.hooks.items()}
+        phase_counts = {p: int((tokens["phase"] == code).sum()) for p, code in PHASES.items()}
+        attrs = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "shard": index,
+                 "num_tokens": n, "num_sequences": len(records), "hooks": hooks_attr,
+                 "codec": self.codec, "tokens_per_phase": phase_counts}
+        root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        small = [ZstdCodec(level=3)]  # token and sequence columns are tiny next to the activations
+        for name, col in tokens.items():
+            root.create_array(name, shape=col.shape, dtype=col.dtype, chunks=(max(n, 1),),
+                              compressors=small)[...] = col
+        seq = root.create_group("sequences")
+        for name, col in table.items():
+            dt = str if col.dtype == object else col.dtype
+            seq.create_array(name, shape=col.shape, dtype=dt, chunks=(len(records),),
+                             compressors=small)[...] = col
+        acts = root.create_group("acts")
+        raw = 0
+        for hook, width in self.hooks.items():
+            data = np.concatenate([r.acts[hook] for r in records]).astype(self.np_dtype, copy=False)  # [n, width]
+            rows = chunk_rows(width, self.np_dtype.itemsize, self.chunk_bytes)
+            rows = min(rows, max(n, 1))
+            shard_rows = -(-max(n, 1) // rows) * rows  # one shard object holds the whole array
+            arr = acts.create_array(
+                hook, shape=data.shape, dtype=self.np_dtype, chunks=(rows, width),
+                shards=(shard_rows, width), compressors=_compressors(self.codec_name, self.codec_level,
+                                                                     self.np_dtype.itemsize),
+                attributes={"hook": hook, "logical_dtype": self.storage_dtype})
+            arr[...] = data  # the whole shard in one write: no read-modify-write
+            raw += data.nbytes
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "shard": index,
+                "path": f"shards/{self.layout.shard_name(index)}", "num_tokens": n,
+                "num_sequences": len(records), "sequence_ids": sids, "tokens_per_phase": phase_counts,
+                "hooks": {h: w for h, w in self.hooks.items()}, "storage_dtype": self.storage_dtype,
+                "codec": self.codec, "acts_raw_bytes": raw}
+
+
+# ---------------------------------------------------------------- resume
+
+
+@dataclasses.dataclass
+class ScanResult:
+    committed_sequence_ids: set[int]
+    next_shard: int
+    shards: list[int]  # committed shard indices, ascending
+    num_tokens: int
+    removed: list[str]  # leftovers deleted, relative to the run folder
+
+
+def read_commits(run_dir) -> dict[int, dict]:
+    """Committed shard index -> commit record. Ignores tmp files; raises if a record is unreadable."""
+    layout = StoreLayout(run_dir)
+    out = {}
+    if not layout.commits_dir.is_dir():
+        return out
+    for p in layout.commits_dir.iterdir():
+        m = _COMMIT_RE.match(p.name)
+        if m:
+            with open(p) as f:
+                out[int(m[1])] = json.load(f)
+    return dict(sorted(out.items()))
+
+
+def scan_run(run_dir, clean: bool = True) -> ScanResult:
+    """For resume: delete crash leftovers, return what is committed and the next shard index.
+
+    Deleted: temp shard dirs (`*.zarr.tmp-*`), temp commit files (`*.tmp-*`), `*.partial` files
+    that zarr's local store can leave, and shard dirs without a commit record. Other files are
+    left alone. Call it only when no other process writes to this run folder.
+    """
+    layout = StoreLayout(run_dir)
+    commits = read_commits(run_dir)
+    removed: list[str] = []
+
+    def rm(p: Path) -> None:
+        removed.append(str(p.relative_to(layout.root)))
+        if clean:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+    if layout.commits_dir.is_dir():
+        for p in sorted(layout.commits_dir.iterdir()):
+            if ".tmp-" in p.name:
+                rm(p)
+    if layout.shards_dir.is_dir():
+        for p in sorted(layout.shards_dir.iterdir()):
+            m = _SHARD_RE.match(p.name)
+            if ".zarr.tmp-" in p.name or (m and int(m[1]) not in commits):
+                rm(p)
+        for p in sorted(layout.shards_dir.rglob("*.partial")):
+            if p.exists():
+                rm(p)
+    seen: set[int] = set()
+    for i, rec in commits.items():
+        if not layout.shard_path(i).is_dir():
+            raise StoreError(f"{layout.commit_path(i)} exists but its shard {layout.shard_path(i)} is missing")
+        ids = set(rec["sequence_ids"])
+        if ids & seen:
+            raise StoreError(f"shard {i} repeats sequence ids already committed: {sorted(ids & seen)[:5]}")
+        seen |= ids
+    return ScanResult(seen, max(commits, default=-1) + 1, list(commits),
+                      sum(r["num_tokens"] for r in commits.values()), removed)
