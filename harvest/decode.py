@@ -72,6 +72,7 @@ def decode(cfg: ModelConfig, dcfg: DecodeConfig, params, cache, logits, lengths,
     lengths [B]; active [B] bool (False for filler rows, which start stopped); keys [B] per-row RNG; is_eos [V] bool; stop_table [N, M+1, V] int16 or None;
     stop_lengths [N] or None.
     Returns dict: tokens [B, T] int32, num_generated [B], stop_reason [B] (stopping.STOP_*),
+    logprob [B] (sum of the model's log-probabilities of the generated tokens, before temperature),
     acts {name: [B, T, width]}.
     """
     b = logits.shape[0]
@@ -86,6 +87,7 @@ def decode(cfg: ModelConfig, dcfg: DecodeConfig, params, cache, logits, lengths,
         num_generated=jnp.zeros((b,), jnp.int32),
         stop_reason=jnp.full((b,), STOP_NONE, jnp.int32),
         stop_state=jnp.zeros((b, n_stop), jnp.int16),
+        logprob=jnp.zeros((b,), jnp.float32),
         acts={name: jnp.zeros((b, t_max, w), dtype) for name, w in widths.items()},
     )
 
@@ -96,6 +98,7 @@ def decode(cfg: ModelConfig, dcfg: DecodeConfig, params, cache, logits, lengths,
         t = s["step"]
         active = ~s["done"]
         tok = jnp.where(active, sample(dcfg.sampling, s["logits"], keys, t), 0)  # [B]
+        lp = jnp.take_along_axis(s["logits"], tok[:, None], -1)[:, 0] - jax.nn.logsumexp(s["logits"], -1)
         hit_eos = is_eos[tok] & active
         if n_stop:
             stop_state = stop_table[jnp.arange(n_stop)[None, :], s["stop_state"], tok[:, None]]  # [B, N]
@@ -114,10 +117,11 @@ def decode(cfg: ModelConfig, dcfg: DecodeConfig, params, cache, logits, lengths,
             done=s["done"] | hit_eos | hit_string | hit_length,
             num_generated=s["num_generated"] + active.astype(jnp.int32),
             stop_reason=reason, stop_state=stop_state,
+            logprob=s["logprob"] + jnp.where(active, lp, 0.0),
             acts={n: jax.lax.dynamic_update_slice(s["acts"][n], acts[n][:, None].astype(dtype), (0, t, 0))
                   for n in widths},
         )
 
     out = jax.lax.while_loop(cond, body, state)
     # The cache is returned only so XLA can alias it to the donated input (an in-place loop).
-    return {k: out[k] for k in ("tokens", "num_generated", "stop_reason", "acts", "cache")}
+    return {k: out[k] for k in ("tokens", "num_generated", "stop_reason", "logprob", "acts", "cache")}

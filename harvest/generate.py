@@ -58,13 +58,14 @@ class BatchOutput:
     tokens: jax.Array                  # [B, T]
     num_generated: jax.Array           # [B]
     stop_reason: jax.Array             # [B]
+    logprob: jax.Array                 # [B]
     prefill_acts: dict[str, jax.Array]  # name -> [B, P, width]
     decode_acts: dict[str, jax.Array]   # name -> [B, T, width]
 
     def to_host(self) -> "BatchOutput":
         get = lambda x: np.asarray(jax.device_get(x))[: self.rows]  # noqa: E731
         return BatchOutput(self.rows, self.lengths, get(self.tokens), get(self.num_generated),
-                           get(self.stop_reason), {k: get(v) for k, v in self.prefill_acts.items()},
+                           get(self.stop_reason), get(self.logprob), {k: get(v) for k, v in self.prefill_acts.items()},
                            {k: get(v) for k, v in self.decode_acts.items()})
 
     def generated(self, row: int) -> np.ndarray:
@@ -100,4 +101,4 @@ class Generator:
         out = decode(self.cfg, self.dcfg, self.params, cache, logits, jnp.asarray(lengths), jnp.asarray(active),
                      row_keys(g.seed, ids), self.is_eos, self.stop_table, self.stop_lengths, prompt_len=bucket)
         return BatchOutput(n, lengths[:n], out["tokens"], out["num_generated"], out["stop_reason"],
-                           prefill_acts, out["acts"])
+                           out["logprob"], prefill_acts, out["acts"])

@@ -77,13 +77,16 @@ def test_greedy_equals_transformers_generate_with_per_row_eos(hf_tiny, loaded_ti
     stopped = 0
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
-            ref = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 do_sample=False, max_new_tokens=40, eos_token_id=eos, pad_token_id=eos)
-        ref = ref[0, len(prompt):].tolist()
+            res = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 do_sample=False, max_new_tokens=40, eos_token_id=eos, pad_token_id=eos,
+                                 output_logits=True, return_dict_in_generate=True)
+        ref = res.sequences[0, len(prompt):].tolist()
         if eos in ref:
             ref = ref[: ref.index(eos) + 1]
         ours = out.generated(row).tolist()
         assert ours == ref, f"row {row}"
+        ref_lp = sum(torch.log_softmax(res.logits[t][0], -1)[tok].item() for t, tok in enumerate(ref))
+        assert abs(float(out.logprob[row]) - ref_lp) < 1e-3
         assert len(ours) >= 13 or ours[-1] == eos
         if ours[-1] == eos:
             stopped += 1

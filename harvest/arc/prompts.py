@@ -209,6 +209,7 @@ class PromptBuilder:
 
     @property
     def max_answer_tokens(self) -> int:
-        """Tokens needed for the largest grid (30 x 30) in this format, stop text included."""
+        """New tokens the largest grid (30 x 30) needs in this format, stop included. +1 because a
+        sampled answer may end in "\n", "\n" where the tokenizer would write one "\n\n"."""
         big = (np.arange(MAX_SIDE * MAX_SIDE) % 10).reshape(MAX_SIDE, MAX_SIDE)
-        return len(self.answer_ids(big))
+        return len(self.answer_ids(big)) + 1
