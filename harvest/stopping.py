@@ -69,11 +69,19 @@ def _transition_table(pat: bytes, token_bytes: tuple[bytes, ...], vocab_size: in
     return table
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE spells byte b as one printable character: itself when printable, else
+    chr(256 + n) for the n-th unprintable byte. Returns that character -> byte map."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
 def token_bytes_of(tokenizer) -> tuple[bytes, ...]:
     """The raw bytes of every vocab id of a byte-level BPE tokenizer (Qwen2's)."""
-    from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
-
-    decoder = {u: b for b, u in bytes_to_unicode().items()}
+    decoder = _byte_level_alphabet()
     vocab = tokenizer.get_vocab()
     size = max(len(tokenizer), max(vocab.values()) + 1)
     out = [b""] * size

