@@ -24,18 +24,23 @@ G = np.array([[1, 2, 0], [3, 4, 5]], np.uint8)
 # ------------------------------------------------------------------------------------ parsing
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_every_arc_test_grid_round_trips(fmt):
-    n = 0
+@pytest.fixture(scope="module")
+def test_grids():
+    """Every test input and output of ARC-AGI-1 and ARC-AGI-2, training and evaluation."""
+    out = []
     for source in ("arc-agi-1", "arc-agi-2"):
         for split in ("training", "evaluation"):
-            tasks, _ = load_tasks(source, split, seed=None)
-            for t in tasks:
-                for grid in (g for pair in t.test for g in pair if g is not None):
-                    back, reason = parse_grid(format_grid(grid, fmt) + "\n", fmt)
-                    assert reason == "" and np.array_equal(back, grid), (t.id, reason)
-                    n += 1
-    assert n > 3000
+            for t in load_tasks(source, split, seed=None)[0]:
+                out += [(t.id, g) for pair in t.test for g in pair if g is not None]
+    assert len(out) > 4000
+    return out
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_arc_test_grid_round_trips(fmt, test_grids):
+    for task_id, grid in test_grids:
+        back, reason = parse_grid(format_grid(grid, fmt) + "\n", fmt)
+        assert reason == "" and np.array_equal(back, grid), (task_id, reason)
 
 
 @pytest.mark.parametrize("text, fmt", [
@@ -95,6 +100,12 @@ def test_answer_cells_split_newlines(tok):
     ids = tok("12\n34", add_special_tokens=False)["input_ids"] + [nl, nl] + tok("é9", add_special_tokens=False)["input_ids"]
     rows, cols = answer_cells(tok, ids, "digits")
     assert rows[:5].tolist() == [0, 0, -1, 1, 1] and cols[:5].tolist() == [0, 1, -1, 0, 1] and (rows[5:] == -1).all()
+    # a character split over two byte-level tokens before the grid: offsets must still line up
+    pre = tok("\U0001F9A9 grid:\n", add_special_tokens=False)["input_ids"]
+    assert "\ufffd" in tok.decode(pre[:1])
+    rows, cols = answer_cells(tok, pre + tok("12\n34\n\n", add_special_tokens=False)["input_ids"], "digits")
+    cell = rows >= 0
+    assert list(zip(rows[cell], cols[cell])) == [(0, 0), (0, 1), (1, 0), (1, 1)] and not cell[:len(pre)].any()
 
 
 # ------------------------------------------------------------------------------------ scoring
