@@ -181,7 +181,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     todo = [(b, keep) for b, keep in todo if keep]
     counts = {"prompt_tokens": 0, "generated_tokens": 0}
     t0 = time.perf_counter()
-    writer = BackgroundWriter(out, meta["hooks"], cfg.capture.dtype, cfg.capture.shard_mb << 20,
+    writer = BackgroundWriter(out, meta["hooks"], cfg.capture.dtype, int(cfg.capture.shard_mb * 2**20),
                               cfg.capture.codec, max_queue=cfg.runtime.queue, start_shard=scan.next_shard)
     bar = _progress(cfg, sum(len(k) for _, k in todo), len(scan.committed_sequence_ids))
     with writer:

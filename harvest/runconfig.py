@@ -73,7 +73,7 @@ class CaptureSection:
     phases: list[Literal["prefill", "decode"]] = dataclasses.field(default_factory=lambda: ["prefill", "decode"])
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"   # storage dtype
     codec: Literal["blosc-zstd", "zstd", "none"] = "blosc-zstd"
-    shard_mb: int = 128
+    shard_mb: float = 128.0      # activation MiB per shard: the write and commit unit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,7 @@ _CHECKS = {
     "generation.samples": lambda v: v >= 1,
     "capture.hooks": lambda v: len(v) >= 1,
     "capture.phases": lambda v: len(v) >= 1 and len(set(v)) == len(v),
-    "capture.shard_mb": lambda v: v >= 1,
+    "capture.shard_mb": lambda v: v > 0,
     "runtime.batch_size": lambda v: v >= 1,
     "runtime.buckets": lambda v: v is None or (len(v) >= 1 and all(b >= 1 for b in v)),
     "runtime.attention_chunk": lambda v: v >= 16,
@@ -128,7 +128,7 @@ _CHECKS = {
 _RULES = {"data.limit": ">= 1", "data.max_prompt_tokens": ">= 1", "augment.colors": ">= 0",
           "generation.max_new_tokens": ">= 1", "generation.temperature": ">= 0", "generation.top_k": ">= 0",
           "generation.top_p": "in (0, 1]", "generation.samples": ">= 1", "capture.hooks": "non-empty",
-          "capture.phases": "non-empty, no repeats", "capture.shard_mb": ">= 1", "runtime.batch_size": ">= 1",
+          "capture.phases": "non-empty, no repeats", "capture.shard_mb": "> 0", "runtime.batch_size": ">= 1",
           "runtime.buckets": "non-empty, all >= 1", "runtime.attention_chunk": ">= 16", "runtime.queue": ">= 1"}
 
 
