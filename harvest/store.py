@@ -418,6 +418,26 @@ class ScanResult:
     removed: list[str]  # leftovers deleted, relative to the run folder
 
 
+def lock_run(run_dir):
+    """Hold an exclusive lock on RUN/.lock for as long as the returned file stays open.
+
+    Raises StoreError if another live process holds it (a crashed process releases it), so two
+    harvests never write, or clean up, the same folder at once.
+    """
+    import fcntl
+
+    layout = StoreLayout(run_dir)
+    layout.root.mkdir(parents=True, exist_ok=True)
+    f = open(layout.root / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise StoreError(f"{layout.root} is in use by another harvest process") from None
+    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
+    return f
+
+
 def read_commits(run_dir) -> dict[int, dict]:
     """Committed shard index -> commit record. Ignores tmp files; raises if a record is unreadable."""
     layout = StoreLayout(run_dir)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -11,7 +12,7 @@ import zarr
 from _harvest_fake import HOOKS, fake_record
 from harvest.data import open_store
 from harvest.store import (
-    ShardWriter, StoreError, StoreLayout, build_sequence_table, chunk_rows, read_run_metadata,
+    ShardWriter, StoreError, StoreLayout, build_sequence_table, chunk_rows, lock_run, read_run_metadata,
     scan_run, write_run_metadata,
 )
 
@@ -146,6 +147,11 @@ def test_committed_shards_are_immutable(tmp_path):
     _write(tmp_path, [0])
     with pytest.raises(StoreError, match="already committed"):
         _write(tmp_path, [0])
+    sw = ShardWriter(tmp_path, HOOKS, fsync=False)
+    rec = sw.prepare_record(fake_record(7))
+    with pytest.raises(StoreError, match="duplicate"):
+        sw.write(1, [rec, rec])  # fails inside the build: the temp dir is removed
+    assert sorted(os.listdir(tmp_path / "shards")) == ["000000.zarr"]
 
 
 def test_fsync_path_and_no_temp_files_left(tmp_path):
@@ -233,3 +239,17 @@ def test_plain_zarr_open_recipe(tmp_path):
     assert np.array_equal(x.view(np.uint16), s.activations(hook)[:].view(np.uint16))
     assert np.array_equal(np.concatenate(phases), s.tokens("phase"))
     assert texts == list(s.sequences["generated_text"]) and "é" in texts[0]
+
+
+def test_lock_run_is_exclusive_across_processes(tmp_path):
+    import subprocess
+    import sys
+
+    held = lock_run(tmp_path)
+    code = "import sys; from harvest.store import lock_run; lock_run(sys.argv[1])"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    cmd = [sys.executable, "-c", code, str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert r.returncode != 0 and "in use by another harvest process" in r.stderr
+    held.close()
+    assert subprocess.run(cmd, env=env).returncode == 0
