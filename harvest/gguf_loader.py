@@ -228,10 +228,31 @@ def load_gguf_tokenizer(path):
         log.warning("cannot build a tokenizer from %s (%s); using %s", path.name, reason,
                     path.parent / "tokenizer.json")
         try:
-            return AutoTokenizer.from_pretrained(str(path.parent))
+            tok = AutoTokenizer.from_pretrained(str(path.parent))
         except Exception:
             from transformers import PreTrainedTokenizerFast
 
-            return PreTrainedTokenizerFast(tokenizer_file=str(path.parent / "tokenizer.json"))
+            tok = PreTrainedTokenizerFast(tokenizer_file=str(path.parent / "tokenizer.json"))
+        _fill_from_gguf(tok, path)
+        return tok
     raise ModelError(f"cannot build a tokenizer from {path.name} ({reason}) and there is no tokenizer.json "
                      f"beside it; install torch, or put the model's tokenizer.json in {path.parent}")
+
+
+def _fill_from_gguf(tok, path: Path) -> None:
+    """A bare tokenizer.json carries no chat template or EOS token; take them from the GGUF."""
+    if getattr(tok, "chat_template", None) and tok.eos_token is not None:
+        return
+    try:
+        f = GGUFFile(path)
+    except ModelError as e:
+        log.warning("cannot read %s for its chat template: %s", path.name, e)
+        return
+    template = f.get("tokenizer.chat_template")
+    if template and not getattr(tok, "chat_template", None):
+        tok.chat_template = str(template)
+    eos = f.get("tokenizer.ggml.eos_token_id")
+    if tok.eos_token is None and eos is not None:
+        token = tok.convert_ids_to_tokens(int(eos))
+        if token is not None and int(eos) < len(tok):
+            tok.eos_token = token

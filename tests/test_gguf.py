@@ -66,7 +66,8 @@ def hf_to_gguf_name(hf_name: str) -> str:
     return f"blk.{i}.{table[module]}.{kind}"
 
 
-def write_gguf(model, path: Path, *, quant: str = "f32", arch: str = "qwen2") -> dict[str, np.ndarray]:
+def write_gguf(model, path: Path, *, quant: str = "f32", arch: str = "qwen2",
+               chat_template: str | None = None) -> dict[str, np.ndarray]:
     """Write `model` as a GGUF file the way llama.cpp's converter does (no q/k permutation for qwen2).
 
     quant "f32": every tensor F32. "mixed": 2-D weights alternate Q8_0 / F16, the embedding is F16,
@@ -85,6 +86,8 @@ def write_gguf(model, path: Path, *, quant: str = "f32", arch: str = "qwen2") ->
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_bos_token_id(c.bos_token_id)
     w.add_eos_token_id(c.eos_token_id)
+    if chat_template is not None:
+        w.add_chat_template(chat_template)
     held = {}
     for n, (name, p) in enumerate(model.state_dict().items()):
         if name == "lm_head.weight" and c.tie_word_embeddings:
@@ -275,8 +278,7 @@ def test_missing_metadata_is_refused(tmp_path):
     assert "qwen2.attention.head_count" in one_line(e)
 
 
-def test_wrong_tensor_shape_is_refused(untied, tmp_path):
-    model, _, _ = untied
+def test_wrong_tensor_shape_is_refused(tmp_path):
     bad = make_hf_model(0, tie=False)
     bad.config.intermediate_size = 96  # metadata disagrees with the ffn tensors
     path = tmp_path / "bad-shape.gguf"
@@ -298,25 +300,58 @@ def test_gguf_package_missing_gives_install_hint(untied, monkeypatch):
 def write_tokenizer_json(folder: Path) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "<|end|>": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.save(str(folder / "tokenizer.json"))
 
 
-def test_tokenizer_falls_back_to_tokenizer_json(untied, tmp_path):
-    _, path, _ = untied
-    # The tiny file has no tokenizer.ggml.* metadata, so transformers' GGUF route fails.
+def test_tokenizer_falls_back_to_tokenizer_json(tmp_path):
+    model = make_hf_model(6, tie=True)
+    path = tmp_path / "tiny.gguf"
+    template = "{% for m in messages %}{{ m['content'] }} <|end|>{% endfor %}"
+    write_gguf(model, path, chat_template=template)
+    # The tiny file has no tokenizer.ggml.* vocabulary, so transformers' GGUF route fails.
     with pytest.raises(ModelError) as e:
         gguf_loader.load_gguf_tokenizer(path)
     assert "tokenizer.json" in one_line(e)
-    folder = tmp_path / "with-tok"
+    write_tokenizer_json(tmp_path)
+    tok = gguf_loader.load_gguf_tokenizer(path)
+    assert tok("hello <|end|> hello")["input_ids"] == [1, 2, 1]
+    # A bare tokenizer.json has no chat template or EOS: both come from the GGUF metadata.
+    assert tok.eos_token == "<|end|>" and tok.eos_token_id == 2
+    assert tok.apply_chat_template([{"role": "user", "content": "hello"}], tokenize=False) == "hello <|end|>"
+    with pytest.raises(ModelError, match="does not exist"):
+        gguf_loader.load_gguf_tokenizer(tmp_path / "nope.gguf")
+
+
+NO_TORCH = """
+import sys
+sys.modules["torch"] = None  # as if torch were not installed
+import numpy as np
+from harvest.checkpoint import load_model
+from harvest.gguf_loader import load_gguf_tokenizer
+lm = load_model(sys.argv[1], "float32")
+np.save(sys.argv[2], np.asarray(lm.params["layers"][1]["q_w"]))
+print(load_gguf_tokenizer(sys.argv[1])("hello hello")["input_ids"])
+assert sys.modules["torch"] is None
+"""
+
+
+def test_runs_without_torch(untied, tmp_path):
+    import subprocess
+
+    model, path, _ = untied
+    folder = tmp_path / "m"
     folder.mkdir()
     (folder / path.name).write_bytes(path.read_bytes())
     write_tokenizer_json(folder)
-    tok = gguf_loader.load_gguf_tokenizer(folder / path.name)
-    assert tok("hello world")["input_ids"] == [1, 2]
-    with pytest.raises(ModelError, match="does not exist"):
-        gguf_loader.load_gguf_tokenizer(tmp_path / "nope.gguf")
+    out = subprocess.run([sys.executable, "-c", NO_TORCH, str(folder / path.name), str(tmp_path / "q.npy")],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[1, 1]"
+    np.testing.assert_array_equal(np.load(tmp_path / "q.npy"),
+                                  model.state_dict()["model.layers.1.self_attn.q_proj.weight"].numpy())
 
 
 # ---- the real Q4_K_M file (local only; ~25 s) ------------------------------------------------
@@ -329,8 +364,7 @@ def test_real_q4_k_m_gguf_matches_transformers_dequantization():
     from harvest.config import ModelConfig
 
     f = gguf_loader.GGUFFile(REAL_GGUF)
-    hf = f.hf_config()
-    assert ModelConfig.from_hf(hf) == ModelConfig.from_hf(read_json(REAL_FOLDER / "config.json"))
+    assert ModelConfig.from_hf(f.hf_config()) == ModelConfig.from_hf(read_json(REAL_FOLDER / "config.json"))
     checks = {"blk.0.attn_q.weight": "model.layers.0.self_attn.q_proj.weight",      # Q5_0
               "blk.0.attn_k.weight": "model.layers.0.self_attn.k_proj.weight",
               "blk.0.attn_q.bias": "model.layers.0.self_attn.q_proj.bias",
