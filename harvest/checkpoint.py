@@ -52,7 +52,12 @@ class LoadedModel:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.folder)
+            if self.weight_files and self.weight_files[0].suffix == ".gguf":
+                from harvest.gguf_loader import load_gguf_tokenizer
+
+                self._tokenizer = load_gguf_tokenizer(self.weight_files[0])
+            else:
+                self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
 
     def weights_sha256(self) -> str:
