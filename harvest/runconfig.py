@@ -138,8 +138,9 @@ def _check_type(key: str, value: Any, tp) -> Any:
         for arm in typing.get_args(tp):
             try:
                 return _check_type(key, value, arm)
-            except ConfigError:
-                pass
+            except ConfigError as e:
+                if isinstance(value, list) and typing.get_origin(arm) is list:
+                    raise  # the list was right; say which element was not
         raise ConfigError(f"{key}: {value!r} is not {_describe(tp)}")
     if tp is type(None):
         if value is not None:
@@ -157,7 +158,8 @@ def _check_type(key: str, value: Any, tp) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        hint = " (quote it: YAML reads 00576224 as a number)" if tp is str and isinstance(value, (int, float)) else ""
+        raise ConfigError(f"{key}: expected {tp.__name__}, got {type(value).__name__} {value!r}{hint}")
     return value
 
 
