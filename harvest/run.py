@@ -26,7 +26,7 @@ from harvest.hooks import HookError, parse_hooks
 from harvest.runconfig import ConfigError, RunConfig, data_fingerprint, differing_keys, load
 from harvest.sampling import SamplingConfig
 from harvest.stopping import STOP_REASONS, token_bytes_of
-from harvest.store import PHASES, SequenceRecord, read_run_metadata, scan_run, write_run_metadata
+from harvest.store import PHASES, SequenceRecord, StoreError, lock_run, read_run_metadata, scan_run, write_run_metadata
 from harvest.writer import BackgroundWriter
 
 log = logging.getLogger("harvest")
@@ -136,25 +136,39 @@ def to_records(work: Work, cfg: RunConfig, out, batch: list, keep: set[int]) -> 
     return records
 
 
-def prepare_output(cfg: RunConfig, overwrite: bool) -> Path:
-    out = Path(cfg.output.path)
-    if overwrite and out.exists():
-        shutil.rmtree(out)
+RUN_ENTRIES = {".lock", "run.json", "summary.json", "shards", "commits"}
+
+
+def prepare_output(out: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse to mix runs. Called with the run lock held, so overwrite keeps the lock file."""
+    entries = {p.name for p in out.iterdir()}
+    if overwrite:
+        for p in out.iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        return
     if (out / "run.json").is_file():
         old = read_run_metadata(out).get("config", {})
         diff = differing_keys(old, cfg)
         if diff:
             raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); "
                               f"use another output.path or --overwrite")
-    elif out.exists() and any(out.iterdir()):
+    elif entries - RUN_ENTRIES:
         raise ConfigError(f"{out} exists and is not a harvest run folder; use another output.path or --overwrite")
-    return out
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     """Harvest into cfg.output.path and return the summary (also written to summary.json)."""
+    out = Path(cfg.output.path)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.path {str(out)!r} is a file")
+    with lock_run(out):  # one harvest per folder: two would both write and clean up
+        prepare_output(out, cfg, overwrite)
+        return _run(cfg, out)
+
+
+def _run(cfg: RunConfig, out: Path) -> dict:
     started = provenance.now()
-    out = prepare_output(cfg, overwrite)
     work = prepare(cfg)
     scan = scan_run(out)
     meta = read_run_metadata(out) if (out / "run.json").is_file() else {}
@@ -171,7 +185,6 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     meta.setdefault("started", started)
     meta.setdefault("sessions", []).append({"started": started, "resumed_sequences": len(scan.committed_sequence_ids),
                                             "removed_leftovers": scan.removed})
-    out.mkdir(parents=True, exist_ok=True)
     write_run_metadata(out, meta)
     if scan.removed:
         log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config, args.overrides)
         summary = run(cfg, args.overwrite)
-    except (ConfigError, ModelError, HookError, FileNotFoundError) as e:
+    except (ConfigError, ModelError, HookError, StoreError, FileNotFoundError) as e:
         print(f"harvest: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad data or prompt settings surface as ValueError with one line

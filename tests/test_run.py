@@ -158,3 +158,18 @@ def test_store_opens_with_plain_zarr(real_vocab_model, tmp_path):
     shard = sorted((tmp_path / "run" / "shards").iterdir())[0]
     g = zarr.open_group(shard, mode="r")
     assert g["token_id"].shape[0] == open_store(tmp_path / "run").num_tokens
+
+
+def test_output_folder_guards(real_vocab_model, tmp_path):
+    from harvest.store import StoreError, lock_run
+
+    _, folder = real_vocab_model
+    cfg = from_dict(config(folder, tmp_path / "run", data__limit=1))
+    with lock_run(tmp_path / "run"):                        # another live harvest holds the folder
+        with pytest.raises(StoreError, match="in use by another harvest"):
+            run_harvest(cfg)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a harvest run folder"):
+        run_harvest(from_dict(config(folder, tmp_path / "other", data__limit=1)))
+    assert (tmp_path / "other" / "notes.txt").exists()
