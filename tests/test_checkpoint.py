@@ -119,3 +119,23 @@ def test_bad_inputs_fail_with_one_line(case, message, tmp_path, hf_tiny, monkeyp
     with pytest.raises(ModelError, match=message) as e:
         load_model(path, dtype)
     assert "\n" not in str(e.value)
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(hf_tiny, tmp_path, monkeypatch):
+    """No network here: a hub id must load from a populated Hugging Face cache."""
+    model, folder = hf_tiny
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--someone--tiny-qwen2" / "snapshots" / commit
+    shutil.copytree(folder, snap)
+    (cache / "models--someone--tiny-qwen2" / "refs").mkdir()
+    (cache / "models--someone--tiny-qwen2" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    lm = load_model("someone/tiny-qwen2", "float32")
+    check_params(lm, torch_weights(model))
+    assert lm.source == "someone/tiny-qwen2" and lm.folder == snap
