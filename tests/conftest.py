@@ -36,21 +36,30 @@ def make_hf_model(seed: int = 0, tie: bool = False, **overrides):
     return model
 
 
-@pytest.fixture(scope="session")
-def hf_tiny(tmp_path_factory):
-    """(torch model, folder) for an untied tiny model saved as safetensors."""
-    model = make_hf_model(0, tie=False)
-    folder = tmp_path_factory.mktemp("tiny_untied")
+def saved_hf_model(tmp_path_factory, name: str, seed: int, tie: bool, **overrides):
+    """(torch model, folder) for a tiny model saved as safetensors by transformers."""
+    model = make_hf_model(seed, tie, **overrides)
+    folder = tmp_path_factory.mktemp(name)
     model.save_pretrained(folder)
     return model, folder
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    return saved_hf_model(tmp_path_factory, "tiny_untied", 0, tie=False)
 
 
 @pytest.fixture(scope="session")
 def hf_tiny_tied(tmp_path_factory):
-    model = make_hf_model(1, tie=True)
-    folder = tmp_path_factory.mktemp("tiny_tied")
-    model.save_pretrained(folder)
-    return model, folder
+    return saved_hf_model(tmp_path_factory, "tiny_tied", 1, tie=True)
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer():
+    """The real Qwen2 tokenizer, shipped as package data."""
+    from harvest.checkpoint import load_tokenizer
+
+    return load_tokenizer(None)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import conftest  # noqa: E402
 from harvest import gguf_loader  # noqa: E402
 from harvest.checkpoint import load_model  # noqa: E402
 from harvest.config import ModelError  # noqa: E402
@@ -26,29 +27,14 @@ from harvest.prefill import prefill  # noqa: E402
 
 ATOL = 1e-4
 Q = gguf.GGMLQuantizationType
-TINY = dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=128, rope_theta=1_000_000.0, rms_norm_eps=1e-6, max_position_embeddings=4096,
-            bos_token_id=1, eos_token_id=2)
+# Smaller than conftest's TINY, with token ids the GGUF metadata can carry.
+SHAPE = dict(vocab_size=256, num_hidden_layers=2, intermediate_size=128, bos_token_id=1, eos_token_id=2)
 REAL_GGUF = Path("~/.cache/harvest-fixtures/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf").expanduser()
 REAL_FOLDER = REAL_GGUF.parent / "qwen2.5-coder-0.5b-instruct"
 
 
 def make_hf_model(seed: int, tie: bool):
-    """A tiny Qwen2ForCausalLM with every weight (biases included) randomised at a noticeable scale."""
-    cfg = transformers.Qwen2Config(**TINY, tie_word_embeddings=tie)
-    torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.5 * torch.randn_like(p))
-            elif "embed" in name or "lm_head" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
-    return model
+    return conftest.make_hf_model(seed, tie, **SHAPE)
 
 
 def hf_to_gguf_name(hf_name: str) -> str:

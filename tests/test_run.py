@@ -14,7 +14,7 @@ import torch
 import yaml
 import zarr
 
-from conftest import make_hf_model
+from conftest import saved_hf_model
 from test_model import hf_forward
 from harvest.data import open_store
 from harvest.run import main
@@ -31,11 +31,8 @@ HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_res
 @pytest.fixture(scope="module")
 def real_vocab_model(tmp_path_factory):
     """A tiny Qwen2 with the full Qwen2 vocabulary, so real ARC prompts run through it."""
-    model = make_hf_model(5, tie=True, vocab_size=151936, hidden_size=32, num_attention_heads=4,
-                          num_key_value_heads=2, intermediate_size=64, num_hidden_layers=3)
-    folder = tmp_path_factory.mktemp("tiny_full_vocab")
-    model.save_pretrained(folder)
-    return model, folder
+    return saved_hf_model(tmp_path_factory, "tiny_full_vocab", 5, tie=True, vocab_size=151936, hidden_size=32,
+                          intermediate_size=64)
 
 
 def config(folder, out, **over):

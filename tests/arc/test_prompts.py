@@ -1,21 +1,9 @@
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from harvest.arc import (FORMATS, SEGMENTS, AugmentConfig, PromptBuilder, PromptConfig, format_grid,
                          load_tasks, make_sequences)
 
-ASSET = Path(os.environ.get("HARVEST_QWEN2_TOKENIZER", Path(__file__).parents[2] / "harvest/assets/qwen2_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    if not (ASSET / "tokenizer.json").exists():
-        pytest.skip(f"Qwen2 tokenizer asset missing at {ASSET}")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(ASSET))
 
 
 @pytest.fixture(scope="module")

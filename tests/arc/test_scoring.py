@@ -1,21 +1,9 @@
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from harvest.arc import (FORMATS, PromptBuilder, PromptConfig, Skipped, answer_cells, format_grid,
                          format_summary, load_tasks, parse_grid, score_sequence, score_tasks, vote)
 
-ASSET = Path(os.environ.get("HARVEST_QWEN2_TOKENIZER", Path(__file__).parents[2] / "harvest/assets/qwen2_tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tok():
-    if not (ASSET / "tokenizer.json").exists():
-        pytest.skip(f"Qwen2 tokenizer asset missing at {ASSET}")
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(ASSET))
 
 
 G = np.array([[1, 2, 0], [3, 4, 5]], np.uint8)

@@ -1,0 +1,201 @@
+"""Shuffled loader (harvest.loader via Store.batches): exactly once, determinism, filters, alignment."""
+
+import threading
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from harvest import loader
+from harvest.data import open_store
+from harvest.store import ShardWriter, SequenceRecord
+
+HA, HB = "blocks.0.hook_resid_post", "blocks.0.mlp.hook_post"
+SEGMENT_NAMES = {"text": 0, "example_input": 1, "example_output": 2, "test_input": 3, "answer": 4}
+PLANTED = (3, 7)  # sequence-local positions of planted outliers in sequence 5 (~100x the median norm)
+
+
+def make_store(root, shards=4, seqs_per_shard=6, dtype="float32", widths=(8, 16), chunk_bytes=256,
+               codec="blosc-zstd", seed=0):
+    """Sequences of random lengths over several shards; column 0 of every hook encodes the global
+    row (row * 1e-3; hook B's column 1 is its negative), so a batch says where each row came from.
+    First tokens are scaled 50x (attention sinks); two rows of sequence 5 are scaled 100x."""
+    rng = np.random.default_rng(seed)
+    hooks = {HA: widths[0], HB: widths[1]}
+    sw = ShardWriter(root, hooks, storage_dtype=dtype, codec=codec, chunk_bytes=chunk_bytes, fsync=False)
+    row = sid = 0
+    for k in range(shards):
+        recs = []
+        for _ in range(seqs_per_shard):
+            n_pre, n_dec = int(rng.integers(3, 50)), int(rng.integers(0, 15))
+            n = n_pre + n_dec
+            rows = np.arange(row, row + n)
+            acts = {h: rng.standard_normal((n, w)).astype(np.float32) for h, w in hooks.items()}
+            for h in hooks:
+                acts[h][0] *= 50
+                if sid == 5:
+                    acts[h][[p for p in PLANTED if p < n]] *= 100
+                acts[h][:, 0] = rows * 1e-3
+            acts[HB][:, 1] = -rows * 1e-3
+            tokens = {"token_id": rng.integers(0, 1000, n).astype(np.int32), "position": np.arange(n, dtype=np.int32),
+                      "phase": np.repeat(np.int8([0, 1]), [n_pre, n_dec]),
+                      "segment": np.concatenate([rng.integers(0, 4, n_pre), np.full(n_dec, 4)]).astype(np.int8),
+                      "example": np.full(n, -1, np.int16), "row": np.full(n, -1, np.int16),
+                      "col": np.full(n, -1, np.int16)}
+            recs.append(sw.prepare_record(SequenceRecord({"sequence_id": sid}, tokens, acts)))
+            row, sid = row + n, sid + 1
+        sw.write(k, recs)
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return open_store(make_store(tmp_path_factory.mktemp("loader")))
+
+
+def rows_of(x):  # the global rows a batch's values encode
+    return np.rint(np.asarray(x, dtype=np.float64)[:, 0] * 1e3).astype(np.int64)
+
+
+def collect(store, hooks=HA, batch=16, **kw):
+    b = store.batches(hooks, batch, with_rows=True, **kw)
+    out = list(b)
+    assert len(out) == len(b)
+    return b, out
+
+
+def test_exactly_once_per_epoch_any_process_count(store):
+    everything = ~store.tokens("first_token")
+    assert len(store.chunk_index(HA)) > 20 and len(store.shards) == 4  # many chunks over several shards
+    for P in (1, 2, 3):
+        per_epoch = [[], []]
+        for p in range(P):
+            b, out = collect(store, [HA, HB], 16, epochs=2, process_index=p, process_count=P, seed=7)
+            n = b.batches_per_epoch()
+            for e in range(2):
+                rows = np.concatenate([r for r, _ in out[e * n:(e + 1) * n]])
+                assert len(rows) == b.rows_per_epoch
+                per_epoch[e].append(rows)
+            for r, x in out:  # every hook's rows are the rows reported, in the same order
+                assert np.array_equal(rows_of(x[HA]), r) and np.array_equal(rows_of(x[HB]), r)
+                assert np.array_equal(np.rint(-x[HB][:, 1] * 1e3).astype(np.int64), r)
+        for e in range(2):
+            allrows = np.concatenate(per_epoch[e])
+            assert np.array_equal(np.sort(allrows), np.flatnonzero(everything)), (P, e)  # disjoint + complete
+            sizes = [len(r) for r in per_epoch[e]]
+            assert max(sizes) - min(sizes) <= 1
+
+
+def test_deterministic_and_shuffled(store):
+    def order(**kw):
+        return np.concatenate([r for r, _ in collect(store, **kw)[1]])
+
+    a = order(seed=1, epochs=2)
+    assert np.array_equal(a, order(seed=1, epochs=2))
+    assert not np.array_equal(a, order(seed=2, epochs=2))
+    half = len(a) // 2
+    assert not np.array_equal(a[:half], a[half:]) and np.array_equal(np.sort(a[:half]), np.sort(a[half:]))
+    # rows far apart in the store land in the same batch (chunk-level permutation + mixing buffer)
+    first = collect(store, seed=1, buffer_chunks=8)[1][0][0]
+    assert np.ptp(first) > store.num_tokens // 4
+    plain = order(shuffle=False, exclude=())
+    assert np.array_equal(plain, np.arange(store.num_tokens))
+
+
+def test_single_hook_gives_arrays_and_values(store):
+    x = next(iter(store.batches(HA, 32, exclude=())))
+    assert isinstance(x, np.ndarray) and x.shape == (32, 8) and x.dtype == np.float32
+    d = next(iter(store.batches([HA], 32)))
+    assert isinstance(d, dict) and list(d) == [HA]
+    for r, x in collect(store, HB, 32, seed=3)[1][:5]:
+        assert np.array_equal(x, store.activations(HB)[r])
+
+
+@pytest.mark.parametrize("kw, want", [
+    ({"phase": "decode"}, lambda t: (t["phase"] == 1) & ~t["first_token"]),
+    ({"phase": "prefill", "exclude": ()}, lambda t: t["phase"] == 0),
+    ({"segment": "test_input"}, lambda t: (t["segment"] == 3) & ~t["first_token"]),
+    ({"segment": ["example_input", "answer"], "exclude": []}, lambda t: np.isin(t["segment"], [1, 4])),
+    ({"exclude": ()}, lambda t: np.ones_like(t["first_token"])),
+    ({"exclude": "first_token"}, lambda t: ~t["first_token"]),
+    ({"exclude": ["first_token", "outliers"]}, lambda t: ~t["first_token"] & ~t["planted"]),
+])
+def test_filters(store, kw, want):
+    t = {k: store.tokens(k) for k in ("phase", "segment", "first_token", "sequence", "position")}
+    t["planted"] = (t["sequence"] == 5) & np.isin(t["position"], PLANTED)
+    assert t["planted"].sum() == 2
+    rows = np.concatenate([r for r, _ in collect(store, **kw)[1]])
+    assert np.array_equal(np.sort(rows), np.flatnonzero(want(t)))
+
+
+def test_outlier_factor_and_segment_names(store):
+    med = store.stats(HA).group("all").median_norm
+    rows = np.concatenate([r for r, _ in collect(store, exclude=["outliers"], outlier_factor=20)[1]])
+    norms = store.stats(HA).norms()
+    assert set(np.flatnonzero(norms > 20 * med)).isdisjoint(rows) and (norms > 20 * med).sum() >= 2
+    with pytest.raises(ValueError, match="unknown segment"):
+        store.batches(HA, 8, segment="test_output")
+    with pytest.raises(ValueError, match="phase"):
+        store.batches(HA, 8, phase="generate")
+    with pytest.raises(KeyError, match="not in store"):
+        store.batches("blocks.9.hook_resid_post", 8)
+    with pytest.raises(ValueError, match="exclude"):
+        store.batches(HA, 8, exclude=["sinks"])
+
+
+def test_drop_last_gives_equal_full_batches(store):
+    counts = []
+    for p in range(3):
+        b, out = collect(store, HA, 24, drop_last=True, process_index=p, process_count=3, epochs=2)
+        assert all(len(r) == 24 for r, _ in out)
+        counts.append(len(out))
+    assert len(set(counts)) == 1 and counts[0] == 2 * ((~store.tokens("first_token")).sum() // 3 // 24)
+
+
+def test_zarr_fallback_reads_the_same(store, monkeypatch):
+    direct = collect(store, [HA, HB], 16, seed=5)[1]
+    monkeypatch.setattr(loader, "_direct", lambda *a: None)
+    via_zarr = collect(store, [HA, HB], 16, seed=5)[1]
+    for (r1, x1), (r2, x2) in zip(direct, via_zarr, strict=True):
+        assert np.array_equal(r1, r2) and all(np.array_equal(x1[h], x2[h]) for h in (HA, HB))
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
+def test_chunk_reader_every_codec(tmp_path, codec):
+    s = open_store(make_store(tmp_path, shards=2, seqs_per_shard=3, dtype="bfloat16", codec=codec,
+                              widths=(8, 32), chunk_bytes=200))
+    reader = loader.ChunkReader(s, s.hooks)
+    assert all(p is not None for p in reader.plans.values())
+    for unit in loader.read_units(s, s.hooks):  # HB's chunks nest inside HA's units; last chunks are padded
+        for h in s.hooks:
+            want = s.read_rows(h, unit.shard, unit.start, unit.stop).view(np.uint16)
+            assert np.array_equal(reader.read(h, unit), want)
+
+
+def test_bfloat16_dtype_and_normalisation(tmp_path):
+    s = open_store(make_store(tmp_path, dtype="bfloat16", widths=(64, 32)))
+    x = np.concatenate(list(s.batches(HA, 50)))
+    assert x.dtype == ml_dtypes.bfloat16
+    assert next(iter(s.batches(HA, 50, dtype="float32"))).dtype == np.float32
+    scaled = np.concatenate(list(s.batches(HA, 50, normalize=True)))
+    assert scaled.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(scaled.astype(np.float64), axis=1).mean(), np.sqrt(64), rtol=1e-3)
+    assert len(scaled) == len(x) and np.isfinite(scaled).all()
+    centered = np.concatenate(list(s.batches(HA, 50, normalize="center"))).astype(np.float64)
+    np.testing.assert_allclose(centered.mean(0), 0, atol=1e-3)
+    np.testing.assert_allclose((centered**2).sum(1).mean(), 64, rtol=1e-3)
+    dec = np.concatenate(list(s.batches(HA, 50, normalize="center", phase="decode"))).astype(np.float64)
+    np.testing.assert_allclose(dec.mean(0), 0, atol=1e-3)  # the phase's own statistics
+
+
+def test_early_break_stops_the_thread(store):
+    before = threading.active_count()
+    for _ in range(3):
+        for x in store.batches(HA, 4, prefetch=1, buffer_chunks=2):
+            break
+    assert threading.active_count() <= before
+    with pytest.raises(TypeError):
+        len(store.batches(HA, 4, epochs=None))
+    it = iter(store.batches(HA, 4, epochs=None))
+    assert len([next(it) for _ in range(500)]) == 500  # endless: keeps going past one epoch
+    it.close()
