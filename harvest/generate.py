@@ -42,6 +42,11 @@ class GenerateConfig:
     prefill_hooks: tuple[Hook, ...] = ()
     decode_hooks: tuple[Hook, ...] = ()
 
+    def __post_init__(self):
+        odd = [b for b in self.buckets if b > self.attention_chunk and b % 128]
+        if odd:  # the flash-style prefill splits a long bucket into equal power-of-two blocks
+            raise ValueError(f"buckets above attention_chunk={self.attention_chunk} must be multiples of 128: {odd}")
+
     def bucket_for(self, length: int) -> int:
         for b in sorted(self.buckets):
             if b >= length:

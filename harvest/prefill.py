@@ -21,7 +21,7 @@ Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S_
 
 def attention_chunk(p: int, max_chunk: int) -> int:
     """The block size for a bucket: the whole prompt if short, else the largest power-of-two
-    divisor of P that is <= max_chunk (buckets are multiples of 128 above 128)."""
+    divisor of P that is <= max_chunk (GenerateConfig keeps long buckets multiples of 128)."""
     if p <= max_chunk:
         return p
     c = max_chunk

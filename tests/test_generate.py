@@ -155,3 +155,5 @@ def test_rejects_bad_batches(loaded_tiny):
         g.generate([[1], [2], [3]], [0, 1, 2])
     with pytest.raises(ValueError, match="empty prompt"):
         g.generate([[]], [0])
+    with pytest.raises(ValueError, match="multiples of 128"):
+        GenerateConfig(buckets=(64, 1000), attention_chunk=512)
