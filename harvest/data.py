@@ -6,6 +6,8 @@
     s.sequence(sequence_id)      # per-token columns + one [T, d] array per hook
     s.activations(hook)[a:b]     # lazy [N, d] view over all committed tokens, logical dtype
     s.tokens("phase")            # [N] per-token column across all shards
+    s.batches(hook, 4096)        # shuffled training batches (harvest.loader, docs/TRAINING.md)
+    s.stats(hook)                # cached per-hook statistics (harvest.stats)
 
 Global token order is shard index order, then row order inside each shard. `chunk_index(hook)`
 lists (shard, start, stop) row ranges aligned to the inner Zarr chunks: the unit a shuffled
@@ -101,6 +103,7 @@ class Store:
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._token_cache: dict[str, np.ndarray] = {}
         self._table_cache: list[dict[str, np.ndarray]] | None = None
+        self._stats_cache: dict[str, Any] = {}
 
     # ------------------------------------------------------------ summary
 
@@ -225,6 +228,26 @@ class Store:
         """Rows [start, stop) of shard k for hook, in logical dtype. [stop-start, d]"""
         arr = self._array(k, f"acts/{hook}")
         return from_storage(arr[start:stop], arr.attrs.get("logical_dtype"))
+
+    # ------------------------------------------------------------ training
+
+    def batches(self, hooks, batch_size: int, **options):
+        """Shuffled batches: [B, d] for one hook (a str), {hook: [B, d_hook]} on the same rows for a
+        list of hooks. Options: harvest.loader.LoaderConfig (shuffle, seed, epochs, phase, segment,
+        exclude, process_index, process_count, dtype, normalize, drop_last, buffer_chunks, prefetch...)."""
+        from harvest.loader import batches
+
+        return batches(self, hooks, batch_size, **options)
+
+    def stats(self, hook: str | None = None, recompute: bool = False, **options):
+        """harvest.stats.HookStats for hook (all hooks as a dict if None), cached in RUN/stats/."""
+        from harvest.stats import hook_stats
+
+        if hook is None:
+            return {h: self.stats(h, recompute, **options) for h in self.hooks}
+        if recompute or hook not in self._stats_cache:
+            self._stats_cache[hook] = hook_stats(self, hook, recompute=recompute, **options)
+        return self._stats_cache[hook]
 
 
 def _fill_for(dtype: np.dtype) -> Any:
