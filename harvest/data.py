@@ -26,10 +26,8 @@ from typing import Any
 import numpy as np
 import zarr
 
-from harvest.store import (
-    FORMAT_VERSION, OFFSET_COLUMNS, SEQUENCE_COLUMNS, StoreError, StoreLayout, from_storage,
-    read_commits, read_run_metadata,
-)
+from harvest.runfolder import StoreError, StoreLayout, read_commits, read_run_metadata
+from harvest.store import FORMAT_VERSION, OFFSET_COLUMNS, SEQUENCE_COLUMNS, from_storage
 
 __all__ = ["open_store", "Store", "ActivationView", "SequenceTable", "ChunkRef"]
 

@@ -26,7 +26,8 @@ from harvest.hooks import HookError, parse_hooks
 from harvest.runconfig import ConfigError, RunConfig, data_fingerprint, differing_keys, load
 from harvest.sampling import SamplingConfig
 from harvest.stopping import STOP_REASONS, token_bytes_of
-from harvest.store import PHASES, SequenceRecord, StoreError, lock_run, read_run_metadata, scan_run, write_run_metadata
+from harvest.runfolder import StoreError, lock_run, read_run_metadata, scan_run, write_run_metadata
+from harvest.store import PHASES, SequenceRecord
 from harvest.writer import BackgroundWriter
 
 log = logging.getLogger("harvest")

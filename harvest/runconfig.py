@@ -138,7 +138,7 @@ def _check_type(key: str, value: Any, tp) -> Any:
         for arm in typing.get_args(tp):
             try:
                 return _check_type(key, value, arm)
-            except ConfigError as e:
+            except ConfigError:
                 if isinstance(value, list) and typing.get_origin(arm) is list:
                     raise  # the list was right; say which element was not
         raise ConfigError(f"{key}: {value!r} is not {_describe(tp)}")

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from harvest.store import PHASES, write_json_atomic
+from harvest.runfolder import write_json_atomic
+from harvest.store import PHASES
 
 if TYPE_CHECKING:
     from harvest.data import Store
@@ -126,7 +127,7 @@ class HookStats:
 
 def _read_ahead(store: "Store", hook: str, workers: int) -> Iterator[tuple]:
     """Yields (unit, [rows, d] logical dtype) in row order, decoding up to 2 x workers chunks ahead."""
-    from harvest.loader import ChunkReader  # whole chunks straight from the shard files
+    from harvest.chunks import ChunkReader  # whole chunks straight from the shard files
 
     reader = ChunkReader(store, [hook])
     logical = store.read_rows(hook, 0, 0, 0).dtype if store.shards else None

@@ -1,13 +1,9 @@
-"""On-disk format of a harvest run: immutable Zarr v3 shard groups made visible by commit records.
+"""One shard of a harvest run: an immutable Zarr v3 group, built whole by one writer.
 
-Layout (docs/FORMAT.md is the public contract):
-    RUN/run.json                      provenance + config (written by the run loop)
-    RUN/shards/000012.zarr/           one complete Zarr v3 group, never modified after rename
-    RUN/commits/000012.json           commit record, written LAST; only committed shards exist
-
-Commit protocol for shard i: build `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsync it, rename it to
-`shards/{i:06d}.zarr`, then write `commits/{i:06d}.json` via tmp file + rename. A crash at any point
-leaves either a committed shard or leftovers that `scan_run` deletes.
+`ShardWriter.write(i, records)` builds `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsyncs it, renames
+it to `shards/{i:06d}.zarr`, then writes `commits/{i:06d}.json` via tmp file + rename: the commit
+point. A crash at any moment leaves either a committed shard or leftovers that
+`harvest.runfolder.scan_run` deletes. docs/FORMAT.md is the public contract.
 """
 
 from __future__ import annotations
@@ -15,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import secrets
 import shutil
 import time
@@ -26,6 +21,8 @@ import ml_dtypes
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
+
+from harvest.runfolder import StoreError, StoreLayout, fsync_path, fsync_tree, json_default, write_json_atomic
 
 FORMAT_NAME = "harvest-activations"
 FORMAT_VERSION = 1
@@ -59,13 +56,6 @@ OFFSET_COLUMNS = ("token_offset", "token_count")  # where the sequence's tokens 
 _KIND_DTYPE = {"int": np.int64, "float": np.float64, "bool": np.bool_, "str": str}
 _KIND_FILL = {"int": -1, "float": float("nan"), "bool": False, "str": ""}
 
-_SHARD_RE = re.compile(r"^(\d+)\.zarr$")
-_COMMIT_RE = re.compile(r"^(\d+)\.json$")
-
-
-class StoreError(RuntimeError):
-    """A malformed record or an inconsistent run folder."""
-
 
 @dataclasses.dataclass
 class SequenceRecord:
@@ -81,93 +71,6 @@ class SequenceRecord:
     @property
     def num_tokens(self) -> int:
         return len(self.tokens["position"])
-
-
-# ---------------------------------------------------------------- paths
-
-
-@dataclasses.dataclass(frozen=True)
-class StoreLayout:
-    root: Path
-
-    def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
-
-    @property
-    def shards_dir(self) -> Path:
-        return self.root / "shards"
-
-    @property
-    def commits_dir(self) -> Path:
-        return self.root / "commits"
-
-    @property
-    def run_json(self) -> Path:
-        return self.root / "run.json"
-
-    def shard_name(self, index: int) -> str:
-        return f"{index:06d}.zarr"
-
-    def shard_path(self, index: int) -> Path:
-        return self.shards_dir / self.shard_name(index)
-
-    def commit_path(self, index: int) -> Path:
-        return self.commits_dir / f"{index:06d}.json"
-
-
-# ---------------------------------------------------------------- small file helpers
-
-
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            _fsync_path(Path(dirpath) / f)
-        _fsync_path(Path(dirpath), directory=True)
-
-
-def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
-    """tmp file + rename: readers see the old file, the new file, or nothing; never half a file."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, default=_json_default)
-        f.write("\n")
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        _fsync_path(path.parent, directory=True)
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, (Path, os.PathLike)):
-        return os.fspath(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def write_run_metadata(run_dir: str | os.PathLike, meta: dict) -> None:
-    """Write RUN/run.json atomically (the run loop calls this at start and again at the end)."""
-    layout = StoreLayout(run_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(layout.run_json, meta)
-
-
-def read_run_metadata(run_dir: str | os.PathLike) -> dict:
-    """RUN/run.json as a dict; FileNotFoundError if the run has none yet."""
-    with open(StoreLayout(run_dir).run_json) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------- codecs and dtypes
@@ -247,7 +150,7 @@ def _kind_of(values: list) -> str | None:
 
 
 def _as_str(v: Any) -> str:
-    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=_json_default)
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=json_default)
 
 
 def build_sequence_table(metas: list[dict]) -> dict[str, np.ndarray]:
@@ -339,12 +242,12 @@ class ShardWriter:
         try:
             info = self._build(tmp, index, records)
             if self.fsync:
-                _fsync_tree(tmp)
+                fsync_tree(tmp)
             if final.exists():  # an uncommitted leftover of a crash: never visible, safe to drop
                 shutil.rmtree(final)
             os.rename(tmp, final)
             if self.fsync:
-                _fsync_path(final.parent, directory=True)
+                fsync_path(final.parent, directory=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -406,87 +309,3 @@ class ShardWriter:
                 "codec": self.codec, "acts_raw_bytes": raw}
 
 
-# ---------------------------------------------------------------- resume
-
-
-@dataclasses.dataclass
-class ScanResult:
-    committed_sequence_ids: set[int]
-    next_shard: int
-    shards: list[int]  # committed shard indices, ascending
-    num_tokens: int
-    removed: list[str]  # leftovers deleted, relative to the run folder
-
-
-def lock_run(run_dir):
-    """Hold an exclusive lock on RUN/.lock for as long as the returned file stays open.
-
-    Raises StoreError if another live process holds it (a crashed process releases it), so two
-    harvests never write, or clean up, the same folder at once.
-    """
-    import fcntl
-
-    layout = StoreLayout(run_dir)
-    layout.root.mkdir(parents=True, exist_ok=True)
-    f = open(layout.root / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise StoreError(f"{layout.root} is in use by another harvest process") from None
-    f.seek(0), f.truncate(), f.write(f"{os.getpid()}\n"), f.flush()
-    return f
-
-
-def read_commits(run_dir) -> dict[int, dict]:
-    """Committed shard index -> commit record. Ignores tmp files; raises if a record is unreadable."""
-    layout = StoreLayout(run_dir)
-    out = {}
-    if not layout.commits_dir.is_dir():
-        return out
-    for p in layout.commits_dir.iterdir():
-        m = _COMMIT_RE.match(p.name)
-        if m:
-            with open(p) as f:
-                out[int(m[1])] = json.load(f)
-    return dict(sorted(out.items()))
-
-
-def scan_run(run_dir, clean: bool = True) -> ScanResult:
-    """For resume: delete crash leftovers, return what is committed and the next shard index.
-
-    Deleted: temp shard dirs (`*.zarr.tmp-*`), temp commit files (`*.tmp-*`), `*.partial` files
-    that zarr's local store can leave, and shard dirs without a commit record. Other files are
-    left alone. Call it only when no other process writes to this run folder.
-    """
-    layout = StoreLayout(run_dir)
-    commits = read_commits(run_dir)
-    removed: list[str] = []
-
-    def rm(p: Path) -> None:
-        removed.append(str(p.relative_to(layout.root)))
-        if clean:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
-    if layout.commits_dir.is_dir():
-        for p in sorted(layout.commits_dir.iterdir()):
-            if ".tmp-" in p.name:
-                rm(p)
-    if layout.shards_dir.is_dir():
-        for p in sorted(layout.shards_dir.iterdir()):
-            m = _SHARD_RE.match(p.name)
-            if ".zarr.tmp-" in p.name or (m and int(m[1]) not in commits):
-                rm(p)
-        for p in sorted(layout.shards_dir.rglob("*.partial")):
-            if p.exists():
-                rm(p)
-    seen: set[int] = set()
-    for i, rec in commits.items():
-        if not layout.shard_path(i).is_dir():
-            raise StoreError(f"{layout.commit_path(i)} exists but its shard {layout.shard_path(i)} is missing")
-        ids = set(rec["sequence_ids"])
-        if ids & seen:
-            raise StoreError(f"shard {i} repeats sequence ids already committed: {sorted(ids & seen)[:5]}")
-        seen |= ids
-    return ScanResult(seen, max(commits, default=-1) + 1, list(commits),
-                      sum(r["num_tokens"] for r in commits.values()), removed)

@@ -16,9 +16,8 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from harvest.store import (
-    DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, PHASES, SequenceRecord, ShardWriter, StoreError,
-)
+from harvest.runfolder import StoreError
+from harvest.store import DEFAULT_CHUNK_BYTES, DEFAULT_SHARD_BYTES, PHASES, SequenceRecord, ShardWriter
 
 __all__ = ["BackgroundWriter", "SequenceRecord", "WriterError", "WriterStats"]
 

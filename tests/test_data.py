@@ -6,7 +6,8 @@ import pytest
 
 from _harvest_fake import HOOKS, fake_record
 from harvest.data import open_store
-from harvest.store import ShardWriter, StoreError, write_run_metadata
+from harvest.runfolder import StoreError, write_run_metadata
+from harvest.store import ShardWriter
 
 H0, H1 = list(HOOKS)
 BF16 = ml_dtypes.bfloat16

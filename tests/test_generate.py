@@ -1,7 +1,5 @@
 """Cached, batched, jitted generation equals a full forward pass and transformers' generate."""
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 import pytest

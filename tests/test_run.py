@@ -1,7 +1,6 @@
 """End to end: `python -m harvest.run` stores exactly the model's activations, resumes safely."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -10,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 import zarr
 
@@ -158,7 +156,7 @@ def test_store_opens_with_plain_zarr(real_vocab_model, tmp_path):
 
 
 def test_output_folder_guards(real_vocab_model, tmp_path):
-    from harvest.store import StoreError, lock_run
+    from harvest.runfolder import StoreError, lock_run
 
     _, folder = real_vocab_model
     cfg = from_dict(config(folder, tmp_path / "run", data__limit=1))

@@ -11,10 +11,8 @@ import zarr
 
 from _harvest_fake import HOOKS, fake_record
 from harvest.data import open_store
-from harvest.store import (
-    ShardWriter, StoreError, StoreLayout, build_sequence_table, chunk_rows, lock_run, read_run_metadata,
-    scan_run, write_run_metadata,
-)
+from harvest.runfolder import StoreError, StoreLayout, lock_run, read_run_metadata, scan_run, write_run_metadata
+from harvest.store import ShardWriter, build_sequence_table, chunk_rows
 
 
 def _write(run, indices, dtype="bfloat16", codec="blosc-zstd", per_shard=3, **kw):
@@ -246,7 +244,7 @@ def test_lock_run_is_exclusive_across_processes(tmp_path):
     import sys
 
     held = lock_run(tmp_path)
-    code = "import sys; from harvest.store import lock_run; lock_run(sys.argv[1])"
+    code = "import sys; from harvest.runfolder import lock_run; lock_run(sys.argv[1])"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
     cmd = [sys.executable, "-c", code, str(tmp_path)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)

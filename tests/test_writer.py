@@ -15,7 +15,7 @@ import pytest
 
 from _harvest_fake import HOOKS, fake_record
 from harvest.data import open_store
-from harvest.store import scan_run
+from harvest.runfolder import scan_run
 from harvest.writer import BackgroundWriter, SequenceRecord, WriterError
 
 BYTES_PER_SEQ = 12 * sum(HOOKS.values()) * 2  # 12 tokens, bf16
@@ -133,7 +133,7 @@ def test_float32_compute_to_bfloat16_storage(tmp_path):
 _SCRIPT = textwrap.dedent("""
     import sys
     from _harvest_fake import fake_record
-    from harvest.store import scan_run
+    from harvest.runfolder import scan_run
     from harvest.writer import BackgroundWriter
     run, n = sys.argv[1], int(sys.argv[2])
     scan = scan_run(run)
