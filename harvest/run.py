@@ -86,9 +86,25 @@ def prepare(cfg: RunConfig) -> Work:
         sampling=SamplingConfig(g.temperature, g.top_k, g.top_p), ignore_eos=g.ignore_eos,
         stop_strings=stops, seed=g.seed, buckets=buckets, attention_chunk=cfg.runtime.attention_chunk,
         prefill_hooks=hooks if "prefill" in phases else (), decode_hooks=hooks if "decode" in phases else ())
+    check_capture_memory(cfg, gcfg, lm, max(len(p) for p in prompts.values()))
     generator = Generator(lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids,
                           token_bytes=token_bytes_of(lm.tokenizer) if stops else None)
     return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator)
+
+
+def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel, longest: int) -> None:
+    """Capture buffers are [B, bucket, width] per hook for prefill and [B, T, width] for decode, on
+    the device and again on the host for every batch the writer holds. Refuse, rather than swap or
+    die, when the largest batch would exceed runtime.max_capture_gb."""
+    width = sum(h.width(lm.cfg) for h in gcfg.prefill_hooks + gcfg.decode_hooks)
+    rows = gcfg.batch_size * (gcfg.bucket_for(longest) + gcfg.max_new_tokens)
+    itemsize = 4 if cfg.model.dtype == "float32" else 2
+    gb = rows * width * itemsize * (cfg.runtime.queue + 2) / 2**30
+    if gb > cfg.runtime.max_capture_gb:
+        raise ConfigError(f"capture buffers need about {gb:.1f} GB (batch_size {gcfg.batch_size} x "
+                          f"{gcfg.bucket_for(longest) + gcfg.max_new_tokens} tokens x {width} values, {cfg.runtime.queue + 2} "
+                          f"batches in flight) > runtime.max_capture_gb={cfg.runtime.max_capture_gb}; lower "
+                          f"runtime.batch_size, data.max_prompt_tokens or the hooks, or raise the limit")
 
 
 def batches_of(work: Work, batch_size: int) -> list[list]:

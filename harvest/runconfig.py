@@ -82,6 +82,7 @@ class RuntimeSection:
     buckets: Optional[list[int]] = None   # prompt length buckets; null uses the defaults
     attention_chunk: int = 512
     queue: int = 2                        # batches in flight to the writer (bounds host RAM)
+    max_capture_gb: float = 8.0           # refuse settings whose capture buffers would exceed this
     progress: bool = True
 
 
@@ -106,7 +107,8 @@ class RunConfig:
 
 
 # Keys that never change the stored data; everything else is part of the fingerprint.
-NON_DATA_KEYS = {"capture.codec", "capture.shard_mb", "runtime.queue", "runtime.progress", "output.path"}
+NON_DATA_KEYS = {"capture.codec", "capture.shard_mb", "runtime.queue", "runtime.max_capture_gb", "runtime.progress",
+                 "output.path"}
 
 _CHECKS = {
     "data.limit": lambda v: v is None or v >= 1,
@@ -124,12 +126,14 @@ _CHECKS = {
     "runtime.buckets": lambda v: v is None or (len(v) >= 1 and all(b >= 1 for b in v)),
     "runtime.attention_chunk": lambda v: v >= 16,
     "runtime.queue": lambda v: v >= 1,
+    "runtime.max_capture_gb": lambda v: v > 0,
 }
 _RULES = {"data.limit": ">= 1", "data.max_prompt_tokens": ">= 1", "augment.colors": ">= 0",
           "generation.max_new_tokens": ">= 1", "generation.temperature": ">= 0", "generation.top_k": ">= 0",
           "generation.top_p": "in (0, 1]", "generation.samples": ">= 1", "capture.hooks": "non-empty",
           "capture.phases": "non-empty, no repeats", "capture.shard_mb": "> 0", "runtime.batch_size": ">= 1",
-          "runtime.buckets": "non-empty, all >= 1", "runtime.attention_chunk": ">= 16", "runtime.queue": ">= 1"}
+          "runtime.buckets": "non-empty, all >= 1", "runtime.attention_chunk": ">= 16", "runtime.queue": ">= 1",
+          "runtime.max_capture_gb": "> 0"}
 
 
 def _check_type(key: str, value: Any, tp) -> Any:

@@ -139,6 +139,7 @@ def test_kill_and_resume_equals_uninterrupted(real_vocab_model, tmp_path):
     ("model.dtype=float8", "model.dtype: 'float8' is not one of"),
     ("data.source=folder", "data.path is required"),
     ("data.tasks=[not-a-task]", "not-a-task"),
+    ("runtime.max_capture_gb=0.001", "capture buffers need about"),
 ])
 def test_cli_rejects_bad_config_with_one_line(override, message, tmp_path, capsys):
     cfg_file = ROOT / "configs" / "demo.yaml"
