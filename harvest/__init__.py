@@ -1,0 +1,39 @@
+"""harvest: Qwen2 in JAX over ARC-AGI, with prefill and decode activations stored in Zarr v3 shards.
+
+The public API (imported lazily, so `from harvest.data import open_store` never pulls in JAX):
+
+    from harvest import load_model, parse_hooks, Generator, GenerateConfig, SamplingConfig
+    from harvest import open_store
+    from harvest.run import run                                           # the CLI's pipeline, callable
+
+    lm = load_model("Qwen/Qwen2.5-0.5B-Instruct", "bfloat16")          # or a folder, .gguf, random:tiny
+    hooks = parse_hooks(["blocks.12.hook_resid_post"], lm.cfg)
+    gen = Generator(lm.cfg, lm.params, GenerateConfig(max_new_tokens=64, prefill_hooks=hooks,
+                                                      decode_hooks=hooks), eos_ids=lm.eos_ids)
+    out = gen.generate([ids_a, ids_b], sequence_ids=[0, 1]).to_host()   # tokens, activations, stop reasons
+
+    s = open_store("outputs/demo")                                        # what `python -m harvest.run` wrote
+    for x in s.batches("blocks.0.hook_resid_post", 4096): ...
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "harvest.checkpoint",
+    "ModelConfig": "harvest.config",
+    "parse_hooks": "harvest.hooks",
+    "Hook": "harvest.hooks",
+    "Generator": "harvest.generate",
+    "GenerateConfig": "harvest.generate",
+    "SamplingConfig": "harvest.sampling",
+    "open_store": "harvest.data",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'harvest' has no attribute {name!r}")
