@@ -186,6 +186,11 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
 
 def _run(cfg: RunConfig, out: Path) -> dict:
     started = provenance.now()
+    if cfg.runtime.compile_cache:  # a resumed or repeated run skips the per-bucket compiles
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.runtime.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     work = prepare(cfg)
     scan = scan_run(out)
     meta = read_run_metadata(out) if (out / "run.json").is_file() else {}

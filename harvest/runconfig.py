@@ -83,6 +83,7 @@ class RuntimeSection:
     attention_chunk: int = 512
     queue: int = 2                        # batches in flight to the writer (bounds host RAM)
     max_capture_gb: float = 8.0           # refuse settings whose capture buffers would exceed this
+    compile_cache: Optional[str] = "~/.cache/harvest/jax"   # persistent XLA cache; null disables
     progress: bool = True
 
 
@@ -108,6 +109,7 @@ class RunConfig:
 
 # Keys that never change the stored data; everything else is part of the fingerprint.
 NON_DATA_KEYS = {"capture.codec", "capture.shard_mb", "runtime.queue", "runtime.max_capture_gb", "runtime.progress",
+                 "runtime.compile_cache",
                  "output.path"}
 
 _CHECKS = {

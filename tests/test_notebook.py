@@ -25,7 +25,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
         "generation": {"max_new_tokens": 8, "ignore_eos": True},
         "capture": {"hooks": ["blocks.1.hook_resid_post", "blocks.2.mlp.hook_post"], "phases": ["prefill", "decode"],
                     "dtype": "bfloat16", "shard_mb": 1},
-        "runtime": {"batch_size": 3, "progress": False},
+        "runtime": {"batch_size": 3, "progress": False, "compile_cache": None},
         "output": {"path": str(out)},
     }))
     monkeypatch.setenv("HARVEST_STORE", str(out))

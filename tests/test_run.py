@@ -39,7 +39,7 @@ def config(folder, out, **over):
         "data": {"source": "arc-agi-1", "split": "evaluation", "tasks": SHORT_TASKS, "limit": 3, "shuffle_seed": 1},
         "generation": {"max_new_tokens": 6, "ignore_eos": True},
         "capture": {"hooks": HOOKS, "phases": ["prefill", "decode"], "dtype": "float32", "shard_mb": 1},
-        "runtime": {"batch_size": 2, "progress": False},
+        "runtime": {"batch_size": 2, "progress": False, "compile_cache": None},
         "output": {"path": str(out)},
     }
     for key, value in over.items():
