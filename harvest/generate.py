@@ -81,6 +81,8 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params, gcfg: GenerateConfig, *, eos_ids=(), token_bytes=None):
         if gcfg.batch_size < 1 or gcfg.max_new_tokens < 1:
             raise ValueError("batch_size and max_new_tokens must be >= 1")
+        if gcfg.sampling.top_k > cfg.vocab_size:
+            raise ValueError(f"top_k={gcfg.sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})")
         self.cfg, self.params, self.gcfg = cfg, params, gcfg
         self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.ignore_eos, gcfg.decode_hooks)
         rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)
