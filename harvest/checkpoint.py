@@ -13,6 +13,7 @@ code (trust_remote_code) are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -60,6 +61,7 @@ class LoadedModel:
                 self._tokenizer = load_tokenizer(self.folder)
         return self._tokenizer
 
+    @functools.cached_property
     def weights_sha256(self) -> str:
         """sha256 over the weight files in order; for presets, over the preset name and seed."""
         h = hashlib.sha256()
@@ -221,6 +223,6 @@ def load_tokenizer(folder: Path | None):
 def describe(lm: LoadedModel) -> dict[str, Any]:
     """Provenance fields for run metadata."""
     return {"source": lm.source, "folder": str(lm.folder) if lm.folder else None, "dtype": lm.dtype,
-            "weights_sha256": lm.weights_sha256(), "config": lm.hf_config,
+            "weights_sha256": lm.weights_sha256, "config": lm.hf_config,
             "num_params": P.num_params(lm.params), "eos_ids": list(lm.eos_ids)}
 

@@ -101,7 +101,7 @@ class Store:
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._token_cache: dict[str, np.ndarray] = {}
         self._table_cache: list[dict[str, np.ndarray]] | None = None
-        self._stats_cache: dict[str, Any] = {}
+        self._stats_cache: dict[tuple, Any] = {}  # (hook, options) -> HookStats
 
     # ------------------------------------------------------------ summary
 
@@ -243,9 +243,10 @@ class Store:
 
         if hook is None:
             return {h: self.stats(h, recompute, **options) for h in self.hooks}
-        if recompute or hook not in self._stats_cache:
-            self._stats_cache[hook] = hook_stats(self, hook, recompute=recompute, **options)
-        return self._stats_cache[hook]
+        key = (hook, tuple(sorted(options.items())))
+        if recompute or key not in self._stats_cache:
+            self._stats_cache[key] = hook_stats(self, hook, recompute=recompute, **options)
+        return self._stats_cache[key]
 
 
 def _fill_for(dtype: np.dtype) -> Any:

@@ -43,6 +43,8 @@ class GenerateConfig:
     decode_hooks: tuple[Hook, ...] = ()
 
     def __post_init__(self):
+        if self.attention_chunk < 1 or self.attention_chunk & (self.attention_chunk - 1):
+            raise ValueError(f"attention_chunk must be a power of two, got {self.attention_chunk}")
         odd = [b for b in self.buckets if b > self.attention_chunk and b % 128]
         if odd:  # the flash-style prefill splits a long bucket into equal power-of-two blocks
             raise ValueError(f"buckets above attention_chunk={self.attention_chunk} must be multiples of 128: {odd}")

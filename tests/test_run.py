@@ -139,7 +139,11 @@ def test_kill_and_resume_equals_uninterrupted(real_vocab_model, tmp_path):
     ("model.dtype=float8", "model.dtype: 'float8' is not one of"),
     ("data.source=folder", "data.path is required"),
     ("data.tasks=[not-a-task]", "not-a-task"),
-    ("runtime.max_capture_gb=0.001", "capture buffers need about"),
+    ("runtime.max_capture_gb=0.001", "capture buffers and KV cache need about"),
+    ("runtime.attention_chunk=768", "a power of two"),
+    ("generation.stop_strings=['']", "non-empty strings"),
+    ("generation.seed=-1", "generation.seed: -1 is impossible"),
+    ("capture.phases=[prefill, prefill]", "no repeats"),
 ])
 def test_cli_rejects_bad_config_with_one_line(override, message, tmp_path, capsys):
     cfg_file = ROOT / "configs" / "demo.yaml"
@@ -166,6 +170,30 @@ def test_output_folder_guards(real_vocab_model, tmp_path):
             run_harvest(cfg)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not a harvest run folder"):
-        run_harvest(from_dict(config(folder, tmp_path / "other", data__limit=1)))
-    assert (tmp_path / "other" / "notes.txt").exists()
+    for overwrite in (False, True):  # never written into, never deleted, no lock file left behind
+        with pytest.raises(ValueError, match="not a harvest run folder"):
+            run_harvest(from_dict(config(folder, tmp_path / "other", data__limit=1)), overwrite=overwrite)
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_resume_refuses_changed_tasks(real_vocab_model, tmp_path):
+    """Sequence ids are positions in the task list: a task added before resuming must be refused."""
+    from harvest import arc
+
+    _, folder = real_vocab_model
+    tasks, _ = arc.load_tasks("arc-agi-1", "evaluation", task_ids=SHORT_TASKS[:3], seed=None)
+    src = tmp_path / "tasks"
+    src.mkdir()
+
+    def save(t):
+        as_list = lambda pairs: [{"input": i.tolist(), "output": o.tolist()} for i, o in pairs]  # noqa: E731
+        (src / f"{t.id}.json").write_text(json.dumps({"train": as_list(t.train), "test": as_list(t.test)}))
+
+    for t in tasks[1:]:
+        save(t)
+    raw = config(folder, tmp_path / "run", data__source="folder", data__path=str(src), data__limit=None)
+    raw["data"].pop("tasks")
+    run_harvest(from_dict(raw))
+    save(tasks[0])
+    with pytest.raises(ValueError, match=r"other inputs \(sequences changed"):
+        run_harvest(from_dict(raw))

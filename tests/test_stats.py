@@ -103,3 +103,12 @@ def test_all_hooks_and_unknown_hook(root):
         s.stats("blocks.7.hook_resid_post")
     with pytest.raises(KeyError, match="no statistics group"):
         s.stats(HA).group("train")
+
+
+def test_cache_respects_options(tmp_path):
+    s = open_store(make_store(tmp_path))
+    a = s.stats(HA, top_k=3)
+    assert len(a.outliers) == 3 and a.over_factor["factor"] == 10.0
+    fresh = open_store(s.root)                                   # another process: only the disk cache
+    b = fresh.stats(HA, top_k=5, outlier_factor=2.0)
+    assert len(b.outliers) == 5 and b.over_factor["factor"] == 2.0

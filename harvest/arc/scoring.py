@@ -190,7 +190,7 @@ def score_tasks(records, skipped=(), k: int = 2) -> dict:
         "n_tasks": len(by_task),
         "n_tests": len(tests),
         "n_attempts": len(records),
-        "arc_score": score if score is not None else 0.0,             # official: mean over tasks
+        "arc_score": score,                                           # official: mean over tasks (None: no targets)
         f"pass@{k}": _mean(s for v in by_task.values() for s, _, _ in v),  # over test inputs
         "pass@1": _mean(t for v in by_task.values() for _, t, _ in v),
         "oracle": _mean(o for v in by_task.values() for _, _, o in v),  # any attempt correct

@@ -157,5 +157,5 @@ def test_score_tasks_hand_worked():
 def test_score_tasks_without_targets():
     s = score_tasks([{"task_id": "A", "test_index": 0, "prediction": None, "target": None,
                       **score_sequence(None, None)}])
-    assert (s["n_tests"], s["arc_score"], s["pass@2"], s["shape_accuracy"]) == (0, 0.0, None, None)
+    assert (s["n_tests"], s["arc_score"], s["pass@2"], s["shape_accuracy"]) == (0, None, None, None)
     assert "n/a" in format_summary(s)
