@@ -98,4 +98,4 @@ def preset_hf_config(name: str) -> dict[str, Any]:
         raise ModelError(f"unknown random preset {name!r}; choose one of {', '.join(PRESETS)}")
     return dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1_000_000.0,
                 rms_norm_eps=1e-6, max_position_embeddings=32768, bos_token_id=151643,
-                eos_token_id=151645, **PRESETS[name])
+                eos_token_id=151643, **PRESETS[name])  # a base model: random weights follow no chat

@@ -26,12 +26,13 @@ from harvest.generate import DEFAULT_BUCKETS, GenerateConfig, Generator
 from harvest.hooks import HookError, parse_hooks
 from harvest.runconfig import ConfigError, RunConfig, data_fingerprint, differing_keys, load
 from harvest.sampling import SamplingConfig
-from harvest.stopping import STOP_REASONS, token_bytes_of
+from harvest.stopping import QWEN2_EOS_IDS, STOP_REASONS, token_bytes_of
 from harvest.runfolder import StoreError, lock_run, read_run_metadata, scan_run, write_run_metadata
 from harvest.store import PHASES, SequenceRecord
 from harvest.writer import BackgroundWriter
 
 log = logging.getLogger("harvest")
+QWEN2_IM_END = QWEN2_EOS_IDS[0]
 
 
 @dataclasses.dataclass
@@ -49,10 +50,13 @@ class Work:
 
 
 def is_instruct(lm: LoadedModel) -> bool:
-    """Chat template on 'auto': instruct/chat checkpoints only (Qwen base tokenizers ship a template too)."""
+    """Chat template on 'auto': instruct/chat checkpoints only (Qwen base tokenizers ship a template
+    too). Qwen2 instruct configs end turns with <|im_end|> (151645); base configs with 151643."""
     names = [lm.source, str(lm.folder or ""), str(lm.hf_config.get("_name_or_path", "")),
              str(lm.hf_config.get("_model_name_or_path", ""))]
-    return any(k in n.lower() for n in names for k in ("instruct", "chat"))
+    eos = lm.hf_config.get("eos_token_id")
+    ends_turns = QWEN2_IM_END in (eos if isinstance(eos, list) else [eos])
+    return ends_turns or any(k in n.lower() for n in names for k in ("instruct", "chat"))
 
 
 def prepare(cfg: RunConfig) -> Work:
