@@ -29,7 +29,7 @@ from harvest.sampling import SamplingConfig
 from harvest.stopping import QWEN2_EOS_IDS, STOP_REASONS, token_bytes_of
 from harvest.runfolder import StoreError, lock_run, read_run_metadata, scan_run, write_run_metadata
 from harvest.store import PHASES, SequenceRecord
-from harvest.writer import BackgroundWriter
+from harvest.writer import BackgroundWriter, WriterError
 
 log = logging.getLogger("harvest")
 QWEN2_IM_END = QWEN2_EOS_IDS[0]
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load(args.config, args.overrides)
         summary = run(cfg, args.overwrite)
-    except (ConfigError, ModelError, HookError, StoreError, FileNotFoundError) as e:
+    except (ConfigError, ModelError, HookError, StoreError, WriterError, FileNotFoundError) as e:
         print(f"harvest: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # bad data or prompt settings surface as ValueError with one line

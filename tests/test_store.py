@@ -251,3 +251,11 @@ def test_lock_run_is_exclusive_across_processes(tmp_path):
     assert r.returncode != 0 and "in use by another harvest process" in r.stderr
     held.close()
     assert subprocess.run(cmd, env=env).returncode == 0
+
+
+def test_float16_overflow_is_refused_not_stored_as_inf():
+    from harvest.store import to_storage
+
+    assert to_storage(np.array([[1.0, -60000.0]], np.float32), "float16").dtype == np.float16
+    with pytest.raises(StoreError, match="overflow float16"):
+        to_storage(np.array([[1.0, 70000.0]], np.float32), "float16")
