@@ -88,7 +88,8 @@ def to_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
     x = np.asarray(x)
     if storage_dtype == "bfloat16":
         return x.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16)
-    y = x.astype(storage_dtype, copy=False)
+    with np.errstate(over="ignore"):  # checked just below, with a clearer message
+        y = x.astype(storage_dtype, copy=False)
     if storage_dtype == "float16" and x.dtype != np.float16 and not np.isfinite(y).all() and np.isfinite(x).all():
         # Large Qwen2 models carry residual values past float16's 65504: never store them as inf.
         raise StoreError(f"activations up to {float(np.abs(x).max()):.0f} overflow float16 storage; "
