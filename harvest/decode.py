@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from harvest import model
 from harvest.config import ModelConfig
-from harvest.hooks import Hook, kinds_by_layer
+from harvest.hooks import Hook
 from harvest.sampling import SamplingConfig, sample
 from harvest.stopping import STOP_EOS, STOP_LENGTH, STOP_NONE, STOP_STRING
 
@@ -47,20 +47,15 @@ def decode_one(cfg: ModelConfig, hooks, params, cache, tokens, lengths, prompt_l
     positions = (lengths + step)[:, None]                                      # [B, 1]
     valid = _step_valid(lengths, prompt_len, cache_len, step)
     x = model.embed(params, tokens[:, None])                                   # [B, 1, D]
-    wanted = kinds_by_layer(hooks)
-    new_cache, acts = [], {}
-    for layer, (lp, (kc, vc)) in enumerate(zip(params["layers"], cache)):
 
-        def attend(q, k, v, kc=kc, vc=vc):
-            kc = jax.lax.dynamic_update_slice(kc, k, (0, prompt_len + step, 0, 0))
-            vc = jax.lax.dynamic_update_slice(vc, v, (0, prompt_len + step, 0, 0))
-            return model.cached_attention(q, kc, vc, valid), (kc, vc)
+    def attend(layer, q, k, v):
+        kc, vc = cache[layer]
+        kc = jax.lax.dynamic_update_slice(kc, k, (0, prompt_len + step, 0, 0))
+        vc = jax.lax.dynamic_update_slice(vc, v, (0, prompt_len + step, 0, 0))
+        return model.cached_attention(q, kc, vc, valid), (kc, vc)
 
-        x, layer_cache, layer_acts = model.block(cfg, lp, x, positions, attend, wanted.get(layer, frozenset()))
-        new_cache.append(layer_cache)
-        for kind, a in layer_acts.items():
-            acts[Hook(layer, kind).name] = a[:, 0]
-    return tuple(new_cache), model.logits(cfg, params, x[:, 0]), acts
+    x, new_cache, acts = model.decoder(cfg, params, x, positions, attend, hooks)
+    return new_cache, model.logits(cfg, params, x[:, 0]), {n: a[:, 0] for n, a in acts.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "prompt_len"), donate_argnames=("cache",))

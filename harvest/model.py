@@ -4,18 +4,20 @@ Shapes: B batch, S sequence, D d_model, H query heads, K kv heads, G = H // K, D
 F d_mlp, V vocab. Matmuls accumulate in float32 (`preferred_element_type`) whatever the weight
 dtype; norms, RoPE and softmax run in float32.
 
-`block` is shared by prefill and decode; they differ only in the attention function they pass,
-which also owns that layer's KV cache.
+`decoder` (all layers) is shared by prefill and decode; they differ only in the attention function
+they pass, which also owns each layer's KV cache.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from harvest.config import ModelConfig
+from harvest.hooks import Hook, kinds_by_layer
 
 F32 = jnp.float32
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) never produce NaN
@@ -140,6 +142,21 @@ def block(cfg: ModelConfig, p: dict, x, positions, attend: AttentionFn, capture:
     acts["mlp_out"] = linear(acts["mlp_post"], p["down_w"])
     x = acts["resid_post"] = x + acts["mlp_out"]
     return x, layer_cache, {k: a for k, a in acts.items() if k in capture}
+
+
+def decoder(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...]):
+    """All layers. `attend(layer, q, k, v) -> (out, new_layer_cache)` is the phase's attention.
+
+    Returns (x [B, S, D] before the final norm, new cache tuple, {hook name: [B, S, width]}).
+    """
+    wanted = kinds_by_layer(hooks)
+    cache, acts = [], {}
+    for layer, lp in enumerate(params["layers"]):
+        x, layer_cache, layer_acts = block(cfg, lp, x, positions, functools.partial(attend, layer),
+                                           wanted.get(layer, frozenset()))
+        cache.append(layer_cache)
+        acts |= {Hook(layer, kind).name: a for kind, a in layer_acts.items()}
+    return x, tuple(cache), acts
 
 
 def embed(params, tokens):

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from harvest import model
 from harvest.config import ModelConfig
-from harvest.hooks import Hook, kinds_by_layer
+from harvest.hooks import Hook
 
 Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S_max, K, Dh]
 
@@ -43,20 +43,13 @@ def prefill(cfg: ModelConfig, params, tokens, lengths, *, hooks: tuple[Hook, ...
     chunk = attention_chunk(p, max_chunk)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))       # [B, P]
     x = model.embed(params, tokens)                                            # [B, P, D]
-    dtype = x.dtype
-    wanted = kinds_by_layer(hooks)
-    cache, acts = [], {}
-    for layer, lp in enumerate(params["layers"]):
+    empty = jnp.zeros((b, cache_len, cfg.n_kv_heads, cfg.head_dim), x.dtype)   # [B, S_max, K, Dh]
 
-        def attend(q, k, v):
-            shape = (b, cache_len, cfg.n_kv_heads, cfg.head_dim)
-            kc = jax.lax.dynamic_update_slice(jnp.zeros(shape, dtype), k, (0, 0, 0, 0))
-            vc = jax.lax.dynamic_update_slice(jnp.zeros(shape, dtype), v, (0, 0, 0, 0))
-            return model.causal_attention(q, k, v, chunk), (kc, vc)
+    def attend(layer, q, k, v):
+        kc = jax.lax.dynamic_update_slice(empty, k, (0, 0, 0, 0))
+        vc = jax.lax.dynamic_update_slice(empty, v, (0, 0, 0, 0))
+        return model.causal_attention(q, k, v, chunk), (kc, vc)
 
-        x, layer_cache, layer_acts = model.block(cfg, lp, x, positions, attend, wanted.get(layer, frozenset()))
-        cache.append(layer_cache)
-        for kind, a in layer_acts.items():
-            acts[Hook(layer, kind).name] = a
+    x, cache, acts = model.decoder(cfg, params, x, positions, attend, hooks)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return tuple(cache), model.logits(cfg, params, last), acts
+    return cache, model.logits(cfg, params, last), acts

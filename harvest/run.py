@@ -47,6 +47,19 @@ class Work:
     too_long: list           # (arc.Sequence, prompt length): skipped, scored as unanswered
     builder: arc.PromptBuilder
     generator: Generator
+    targets: dict            # (task id, test index) -> original answer grid, or None
+
+
+def read_answer(text: str, augmentation: dict, fmt: str):
+    """The generated text as a grid in the task's original frame (augmentation undone), or None."""
+    return arc.invert(arc.parse_grid(text, fmt)[0], augmentation)
+
+
+def attempt(work: Work, task_id: str, test_index: int, prediction) -> dict:
+    """One scored attempt, as arc.score_tasks takes it."""
+    target = work.targets.get((task_id, test_index))
+    return {**arc.score_sequence(prediction, target), "task_id": task_id, "test_index": test_index,
+            "prediction": prediction, "target": target}
 
 
 def is_instruct(lm: LoadedModel) -> bool:
@@ -94,7 +107,8 @@ def prepare(cfg: RunConfig) -> Work:
     check_capture_memory(cfg, gcfg, lm, max(len(p) for p in prompts.values()))
     generator = Generator(lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids,
                           token_bytes=token_bytes_of(lm.tokenizer) if stops else None)
-    return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator)
+    targets = {(t.id, i): test[1] for t in tasks for i, test in enumerate(t.test)}
+    return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator, targets)
 
 
 def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel, longest: int) -> None:
@@ -135,8 +149,7 @@ def to_records(work: Work, cfg: RunConfig, out, batch: list, keep: set[int]) -> 
         prompt = work.prompts[seq.sequence_id]
         n, gen_ids = len(prompt), host.generated(row)
         text = tok.decode(gen_ids, skip_special_tokens=True)
-        pred, _ = arc.parse_grid(text, fmt)
-        score = arc.score_sequence(arc.invert(pred, seq.augmentation), arc.invert(seq.target, seq.augmentation))
+        score = attempt(work, seq.task_id, seq.test_index, read_answer(text, seq.augmentation, fmt))
         meta = dict(sequence_id=seq.sequence_id, task_id=seq.task_id, test_index=seq.test_index,
                     augmentation=json.dumps(seq.augmentation), sample_index=seq.sample_index,
                     prompt_length=n, generated_length=len(gen_ids),
@@ -293,21 +306,15 @@ def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapse
 
     store = open_store(out)
     table = store.sequences
-    targets = {(t.id, i): test[1] for t in work.tasks for i, test in enumerate(t.test)}
     records = []
     for i in range(len(table)):
-        aug = json.loads(str(table["augmentation"][i]))
-        pred, _ = arc.parse_grid(str(table["generated_text"][i]), cfg.prompt.format)
-        key = (str(table["task_id"][i]), int(table["test_index"][i]))
-        rec = arc.score_sequence(arc.invert(pred, aug), targets.get(key))
-        records.append({**rec, "task_id": key[0], "test_index": key[1], "prediction": arc.invert(pred, aug),
-                        "target": targets.get(key), "logprob": float(table["logprob"][i])})
+        pred = read_answer(str(table["generated_text"][i]), json.loads(str(table["augmentation"][i])),
+                           cfg.prompt.format)
+        records.append({**attempt(work, str(table["task_id"][i]), int(table["test_index"][i]), pred),
+                        "logprob": float(table["logprob"][i])})
     # The official score counts a test input that never ran as failed, so too-long prompts are
     # unanswered attempts; a task is "skipped" only if none of its prompts ran.
-    for s, _ in work.too_long:
-        key = (s.task_id, s.test_index)
-        records.append({**arc.score_sequence(None, targets.get(key)), "task_id": s.task_id, "test_index": s.test_index,
-                        "prediction": None, "target": targets.get(key), "logprob": None})
+    records += [attempt(work, s.task_id, s.test_index, None) for s, _ in work.too_long]
     ran = {s.task_id for s in work.sequences}
     too_long = {}
     for s, n in work.too_long:

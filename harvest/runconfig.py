@@ -112,35 +112,28 @@ NON_DATA_KEYS = {"capture.codec", "capture.shard_mb", "runtime.queue", "runtime.
                  "runtime.compile_cache",
                  "output.path"}
 
+# key -> (what a value must satisfy, how the error message says it)
 _CHECKS = {
-    "data.limit": lambda v: v is None or v >= 1,
-    "data.max_prompt_tokens": lambda v: v >= 1,
-    "augment.colors": lambda v: v >= 0,
-    "generation.max_new_tokens": lambda v: v >= 1,
-    "generation.temperature": lambda v: v >= 0,
-    "generation.top_k": lambda v: v >= 0,
-    "generation.top_p": lambda v: 0 < v <= 1,
-    "generation.samples": lambda v: v >= 1,
-    "capture.hooks": lambda v: len(v) >= 1,
-    "capture.phases": lambda v: len(v) >= 1 and len(set(v)) == len(v),
-    "capture.shard_mb": lambda v: v > 0,
-    "runtime.batch_size": lambda v: v >= 1,
-    "runtime.buckets": lambda v: v is None or (len(v) >= 1 and all(b >= 1 for b in v)),
-    "runtime.attention_chunk": lambda v: v >= 16 and v & (v - 1) == 0,
-    "generation.seed": lambda v: 0 <= v < 2**32,
-    "data.shuffle_seed": lambda v: v is None or 0 <= v < 2**32,
-    "generation.stop_strings": lambda v: v == "auto" or all(v),
-    "runtime.queue": lambda v: v >= 1,
-    "runtime.max_capture_gb": lambda v: v > 0,
+    "data.limit": (lambda v: v is None or v >= 1, ">= 1"),
+    "data.max_prompt_tokens": (lambda v: v >= 1, ">= 1"),
+    "data.shuffle_seed": (lambda v: v is None or 0 <= v < 2**32, "null or in [0, 2**32)"),
+    "augment.colors": (lambda v: v >= 0, ">= 0"),
+    "generation.max_new_tokens": (lambda v: v >= 1, ">= 1"),
+    "generation.temperature": (lambda v: v >= 0, ">= 0"),
+    "generation.top_k": (lambda v: v >= 0, ">= 0"),
+    "generation.top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "generation.samples": (lambda v: v >= 1, ">= 1"),
+    "generation.seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    "generation.stop_strings": (lambda v: v == "auto" or all(v), "'auto' or a list of non-empty strings"),
+    "capture.hooks": (lambda v: len(v) >= 1, "non-empty"),
+    "capture.phases": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "non-empty, no repeats"),
+    "capture.shard_mb": (lambda v: v > 0, "> 0"),
+    "runtime.batch_size": (lambda v: v >= 1, ">= 1"),
+    "runtime.buckets": (lambda v: v is None or (len(v) >= 1 and all(b >= 1 for b in v)), "non-empty, all >= 1"),
+    "runtime.attention_chunk": (lambda v: v >= 16 and v & (v - 1) == 0, "a power of two >= 16"),
+    "runtime.queue": (lambda v: v >= 1, ">= 1"),
+    "runtime.max_capture_gb": (lambda v: v > 0, "> 0"),
 }
-_RULES = {"data.limit": ">= 1", "data.max_prompt_tokens": ">= 1", "augment.colors": ">= 0",
-          "generation.max_new_tokens": ">= 1", "generation.temperature": ">= 0", "generation.top_k": ">= 0",
-          "generation.top_p": "in (0, 1]", "generation.samples": ">= 1", "capture.hooks": "non-empty",
-          "capture.phases": "non-empty, no repeats", "capture.shard_mb": "> 0", "runtime.batch_size": ">= 1",
-          "runtime.buckets": "non-empty, all >= 1", "runtime.attention_chunk": "a power of two >= 16",
-          "generation.seed": "in [0, 2**32)", "data.shuffle_seed": "null or in [0, 2**32)",
-          "generation.stop_strings": "'auto' or a list of non-empty strings", "runtime.queue": ">= 1",
-          "runtime.max_capture_gb": "> 0"}
 
 
 def _check_type(key: str, value: Any, tp) -> Any:
@@ -209,8 +202,9 @@ def from_dict(raw: dict | None) -> RunConfig:
             if key not in fields:
                 raise ConfigError(f"unknown key {full!r}; {name} has {', '.join(fields)}")
             kwargs[key] = _check_type(full, v, fields[key])
-            if full in _CHECKS and not _CHECKS[full](kwargs[key]):
-                raise ConfigError(f"{full}: {v!r} is impossible; it must be {_RULES[full]}")
+            ok, rule = _CHECKS.get(full, (None, None))
+            if ok is not None and not ok(kwargs[key]):
+                raise ConfigError(f"{full}: {v!r} is impossible; it must be {rule}")
         sections[name] = cls(**kwargs)
     cfg = RunConfig(**sections)
     if cfg.data.source in ("folder", "json", "hf") and not cfg.data.path:
