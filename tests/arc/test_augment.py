@@ -34,10 +34,13 @@ def test_color_tables_are_permutations():
             assert (p[0] == 0) or not keep_zero
 
 
-@pytest.mark.parametrize("cfg", [
-    AugmentConfig(dihedral="all", colors=2),
-    AugmentConfig(dihedral=[1, 6], colors=1, keep_zero=False, shuffle_demos=True, per_test=2),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        AugmentConfig(dihedral="all", colors=2),
+        AugmentConfig(dihedral=[1, 6], colors=1, keep_zero=False, shuffle_demos=True),
+    ],
+)
 def test_apply_invert_identity_on_real_tasks(cfg):
     tasks, _ = load_tasks("arc-agi-1", "evaluation", limit=40)
     for s in make_sequences(tasks, cfg):

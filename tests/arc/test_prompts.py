@@ -1,9 +1,16 @@
 import numpy as np
 import pytest
 
-from harvest.arc import (FORMATS, SEGMENTS, AugmentConfig, PromptBuilder, PromptConfig, format_grid,
-                         load_tasks, make_sequences)
-
+from harvest.arc import (
+    FORMATS,
+    SEGMENTS,
+    AugmentConfig,
+    PromptBuilder,
+    PromptConfig,
+    format_grid,
+    load_tasks,
+    make_sequences,
+)
 
 
 @pytest.fixture(scope="module")
@@ -16,8 +23,11 @@ def seqs():
 def _expected_cells(seq):
     """(segment, example, row, col, value) for every cell, in reading order."""
     out = []
-    grids = [x for i, (a, b) in enumerate(seq.task.train)
-             for x in ((SEGMENTS["example_input"], i, a), (SEGMENTS["example_output"], i, b))]
+    grids = [
+        x
+        for i, (a, b) in enumerate(seq.task.train)
+        for x in ((SEGMENTS["example_input"], i, a), (SEGMENTS["example_output"], i, b))
+    ]
     grids.append((SEGMENTS["test_input"], -1, seq.test_input))
     for seg, ex, g in grids:
         out += [(seg, ex, r, c, int(g[r, c])) for r in range(g.shape[0]) for c in range(g.shape[1])]
@@ -37,8 +47,10 @@ def test_cell_map_matches_grids(tok, seqs, fmt, chat):
         cell = p.col >= 0
         assert np.array_equal(cell, p.row >= 0)
         pieces = [tok.decode([i]) for i in p.token_ids[cell]]
-        got = [(int(s), int(e), int(r), int(c), int(v)) for s, e, r, c, v in
-               zip(p.segment[cell], p.example[cell], p.row[cell], p.col[cell], pieces)]
+        got = [
+            (int(s), int(e), int(r), int(c), int(v))
+            for s, e, r, c, v in zip(p.segment[cell], p.example[cell], p.row[cell], p.col[cell], pieces)
+        ]
         assert got == _expected_cells(seq)  # every cell exactly one token, in order, right value
         # non-cell tokens inside grids are separators; text tokens carry no example index
         assert (p.example[p.segment == SEGMENTS["text"]] == -1).all()
@@ -77,6 +89,7 @@ def test_chat_prompt(tok, seqs):
 
     class NoTemplate:
         chat_template = None
+
     assert not PromptBuilder(NoTemplate(), PromptConfig(), instruct=True).chat
     with pytest.raises(ValueError, match="no chat template"):
         PromptBuilder(NoTemplate(), PromptConfig(chat=True))

@@ -1,10 +1,17 @@
 import numpy as np
 import pytest
 
-from harvest.arc import (FORMATS, PromptBuilder, PromptConfig, Skipped, answer_cells, format_grid,
-                         format_summary, load_tasks, parse_grid, score_sequence, score_tasks, vote)
-
-
+from harvest.arc import (
+    FORMATS,
+    Skipped,
+    format_grid,
+    format_summary,
+    load_tasks,
+    parse_grid,
+    score_sequence,
+    score_tasks,
+    vote,
+)
 
 G = np.array([[1, 2, 0], [3, 4, 5]], np.uint8)
 
@@ -31,69 +38,43 @@ def test_every_arc_test_grid_round_trips(fmt, test_grids):
         assert reason == "" and np.array_equal(back, grid), (task_id, reason)
 
 
-@pytest.mark.parametrize("text, fmt", [
-    ("120\n345\n\nInput:\n999\n", "digits"),
-    ("120\n345", "digits"),
-    ("120\n345\nInput:\n11\n", "digits"),
-    ("\n\nOutput:\n```\n120\n345\n```\n", "digits"),
-    ("Here is the grid:\n120 \n345\r\n\n", "digits"),
-    ("120\n345<|im_end|>", "digits"),
-    ("1 2 0\n3 4 5\n\n", "spaced"),
-    ("1: 120\n2: 345\n\n", "numbered"),
-    ("120\n345\n", "numbered"),
-])
+@pytest.mark.parametrize(
+    "text, fmt",
+    [
+        ("120\n345\n\nInput:\n999\n", "digits"),
+        ("120\n345", "digits"),
+        ("120\n345\nInput:\n11\n", "digits"),
+        ("\n\nOutput:\n```\n120\n345\n```\n", "digits"),
+        ("Here is the grid:\n120 \n345\r\n\n", "digits"),
+        ("120\n345<|im_end|>", "digits"),
+        ("1 2 0\n3 4 5\n\n", "spaced"),
+        ("1: 120\n2: 345\n\n", "numbered"),
+        ("120\n345\n", "numbered"),
+    ],
+)
 def test_parse_tolerates(text, fmt):
     grid, reason = parse_grid(text, fmt)
     assert reason == "" and np.array_equal(grid, G)
 
 
-@pytest.mark.parametrize("text, fmt, why", [
-    ("120\n34\n", "digits", "ragged rows"),
-    ("120\n3a5\n", "digits", "row 1: unexpected character 'a'"),
-    ("no grid here\n", "digits", "no grid found"),
-    ("", "digits", "no grid found"),
-    ("Input:\n120\n", "digits", "no grid found"),
-    ("0" * 31 + "\n", "digits", "exceeds 30x30"),
-    ("0\n" * 31, "digits", "exceeds 30x30"),
-    ("1 20\n", "spaced", "not a single digit"),
-    ("1 2\n3 4 5\n", "spaced", "ragged rows"),
-    ("1,2\n", "digits", "unexpected character ','"),
-])
+@pytest.mark.parametrize(
+    "text, fmt, why",
+    [
+        ("120\n34\n", "digits", "ragged rows"),
+        ("120\n3a5\n", "digits", "row 1: unexpected character 'a'"),
+        ("no grid here\n", "digits", "no grid found"),
+        ("", "digits", "no grid found"),
+        ("Input:\n120\n", "digits", "no grid found"),
+        ("0" * 31 + "\n", "digits", "exceeds 30x30"),
+        ("0\n" * 31, "digits", "exceeds 30x30"),
+        ("1 20\n", "spaced", "not a single digit"),
+        ("1 2\n3 4 5\n", "spaced", "ragged rows"),
+        ("1,2\n", "digits", "unexpected character ','"),
+    ],
+)
 def test_parse_rejects(text, fmt, why):
     grid, reason = parse_grid(text, fmt)
     assert grid is None and why in reason
-
-
-def test_answer_cells(tok):
-    for fmt in FORMATS:
-        pb = PromptBuilder(tok, PromptConfig(format=fmt, chat=False))
-        ids = list(pb.answer_ids(G)) + tok("Input:\n77\n", add_special_tokens=False)["input_ids"]
-        rows, cols = answer_cells(tok, ids, fmt)
-        assert rows.dtype == np.int16 and len(rows) == len(ids)
-        cell = rows >= 0
-        got = [(int(r), int(c), tok.decode([i])) for r, c, i in zip(rows[cell], cols[cell], np.asarray(ids)[cell])]
-        assert got == [(r, c, str(G[r, c])) for r in range(2) for c in range(3)]
-    # a chat answer with a fence and EOS
-    ids = tok("```\n120\n345\n```", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    rows, cols = answer_cells(tok, ids, "digits")
-    assert (rows >= 0).sum() == 6 and rows[-1] == -1
-    # unparseable -> all -1; empty -> empty
-    rows, cols = answer_cells(tok, tok("12\n3\n")["input_ids"], "digits")
-    assert (rows == -1).all() and (cols == -1).all()
-    assert len(answer_cells(tok, [], "digits")[0]) == 0
-
-
-def test_answer_cells_split_newlines(tok):
-    nl = tok.convert_tokens_to_ids("Ċ")  # a lone "\n": sampling may give "\n", "\n" instead of "\n\n"
-    ids = tok("12\n34", add_special_tokens=False)["input_ids"] + [nl, nl] + tok("é9", add_special_tokens=False)["input_ids"]
-    rows, cols = answer_cells(tok, ids, "digits")
-    assert rows[:5].tolist() == [0, 0, -1, 1, 1] and cols[:5].tolist() == [0, 1, -1, 0, 1] and (rows[5:] == -1).all()
-    # a character split over two byte-level tokens before the grid: offsets must still line up
-    pre = tok("\U0001F9A9 grid:\n", add_special_tokens=False)["input_ids"]
-    assert "\ufffd" in tok.decode(pre[:1])
-    rows, cols = answer_cells(tok, pre + tok("12\n34\n\n", add_special_tokens=False)["input_ids"], "digits")
-    cell = rows >= 0
-    assert list(zip(rows[cell], cols[cell])) == [(0, 0), (0, 1), (1, 0), (1, 1)] and not cell[:len(pre)].any()
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -101,8 +82,13 @@ def test_answer_cells_split_newlines(tok):
 
 def test_score_sequence():
     t = np.array([[1, 2], [3, 4]])
-    assert score_sequence(t.copy(), t) == {"parsed_ok": True, "pred_shape": (2, 2), "shape_ok": True,
-                                           "pixel_accuracy": 1.0, "correct": True}
+    assert score_sequence(t.copy(), t) == {
+        "parsed_ok": True,
+        "pred_shape": (2, 2),
+        "shape_ok": True,
+        "pixel_accuracy": 1.0,
+        "correct": True,
+    }
     s = score_sequence(np.array([[1, 2], [3, 0]]), t)
     assert (s["pixel_accuracy"], s["correct"], s["shape_ok"]) == (0.75, False, True)
     s = score_sequence(np.array([[1, 2]]), t)
@@ -114,7 +100,7 @@ def test_score_sequence():
 
 def test_vote_frequency_then_likelihood():
     a, b, c = np.array([[1]]), np.array([[2]]), np.array([[3]])
-    assert [g.item() for g in vote([a, b, b, c, None])] == [2, 1]           # b twice, then a (first seen)
+    assert [g.item() for g in vote([a, b, b, c, None])] == [2, 1]  # b twice, then a (first seen)
     assert [g.item() for g in vote([a, b, c], [-3.0, -1.0, -2.0])] == [2, 3]  # all once: by likelihood
     assert [g.item() for g in vote([a, a, b, c], [-9, -9, -1, -2])] == [1, 2]  # count beats likelihood
     assert vote([None, None]) == []
@@ -123,8 +109,14 @@ def test_vote_frequency_then_likelihood():
 
 def _rec(task, test, pred, target, lp=None):
     pred = None if pred is None else np.array(pred)
-    return {"task_id": task, "test_index": test, "prediction": pred, "target": np.array(target), "logprob": lp,
-            **score_sequence(pred, np.array(target))}
+    return {
+        "task_id": task,
+        "test_index": test,
+        "prediction": pred,
+        "target": np.array(target),
+        "logprob": lp,
+        **score_sequence(pred, np.array(target)),
+    }
 
 
 def test_score_tasks_hand_worked():
@@ -133,18 +125,25 @@ def test_score_tasks_hand_worked():
     # task B, 1 test:  attempts None, [[5]] (right) -> solved.
     # task C, 1 test:  attempts [[0,0]] (wrong shape), [[9]] x2 wrong -> unsolved.
     recs = [
-        _rec("A", 0, [[1]], [[7]]), _rec("A", 0, [[1]], [[7]]), _rec("A", 0, [[7]], [[7]]),
-        _rec("A", 1, [[1]], [[3]], -2.0), _rec("A", 1, [[2]], [[3]], -1.0), _rec("A", 1, [[3]], [[3]], -5.0),
-        _rec("B", 0, None, [[5]]), _rec("B", 0, [[5]], [[5]]),
-        _rec("C", 0, [[0, 0]], [[4]]), _rec("C", 0, [[9]], [[4]]), _rec("C", 0, [[9]], [[4]]),
+        _rec("A", 0, [[1]], [[7]]),
+        _rec("A", 0, [[1]], [[7]]),
+        _rec("A", 0, [[7]], [[7]]),
+        _rec("A", 1, [[1]], [[3]], -2.0),
+        _rec("A", 1, [[2]], [[3]], -1.0),
+        _rec("A", 1, [[3]], [[3]], -5.0),
+        _rec("B", 0, None, [[5]]),
+        _rec("B", 0, [[5]], [[5]]),
+        _rec("C", 0, [[0, 0]], [[4]]),
+        _rec("C", 0, [[9]], [[4]]),
+        _rec("C", 0, [[9]], [[4]]),
     ]
     s = score_tasks(recs, skipped=[Skipped("D", "value 10")])
     assert (s["n_tasks"], s["n_tests"], s["n_attempts"]) == (3, 4, 11)
     assert s["tasks"] == {"A": 0.5, "B": 1.0, "C": 0.0}
-    assert s["arc_score"] == pytest.approx(0.5)            # (0.5 + 1 + 0) / 3
-    assert s["pass@2"] == pytest.approx(2 / 4)              # A/0 and B/0
-    assert s["pass@1"] == pytest.approx(1 / 4)              # only B/0's top vote is right
-    assert s["oracle"] == pytest.approx(3 / 4)              # every test but C/0 has a right attempt
+    assert s["arc_score"] == pytest.approx(0.5)  # (0.5 + 1 + 0) / 3
+    assert s["pass@2"] == pytest.approx(2 / 4)  # A/0 and B/0
+    assert s["pass@1"] == pytest.approx(1 / 4)  # only B/0's top vote is right
+    assert s["oracle"] == pytest.approx(3 / 4)  # every test but C/0 has a right attempt
     assert s["accuracy"] == pytest.approx(3 / 11)
     assert s["parse_rate"] == pytest.approx(10 / 11)
     assert s["shape_accuracy"] == pytest.approx(9 / 11)
@@ -155,7 +154,8 @@ def test_score_tasks_hand_worked():
 
 
 def test_score_tasks_without_targets():
-    s = score_tasks([{"task_id": "A", "test_index": 0, "prediction": None, "target": None,
-                      **score_sequence(None, None)}])
+    s = score_tasks(
+        [{"task_id": "A", "test_index": 0, "prediction": None, "target": None, **score_sequence(None, None)}]
+    )
     assert (s["n_tests"], s["arc_score"], s["pass@2"], s["shape_accuracy"]) == (0, None, None, None)
     assert "n/a" in format_summary(s)

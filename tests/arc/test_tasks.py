@@ -6,7 +6,10 @@ import pytest
 from harvest.arc import Task, load_tasks
 from harvest.arc.tasks import BadTask, to_grid
 
-GOOD = {"train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}], "test": [{"input": [[0, 1]], "output": [[1, 0]]}]}
+GOOD = {
+    "train": [{"input": [[1, 2], [3, 4]], "output": [[4, 3], [2, 1]]}],
+    "test": [{"input": [[0, 1]], "output": [[1, 0]]}],
+}
 
 
 def _write(folder, name, content):

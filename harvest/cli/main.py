@@ -1,0 +1,88 @@
+"""`harvest run CONFIG [--set section.key=value ...] [--overwrite]` (also `python -m harvest.run CONFIG`).
+
+A user's mistake (any HarvestError: a bad config, model, task file or run folder) prints one line
+and exits 2; anything else is a bug and keeps its traceback. HARVEST_DEBUG=1 shows the traceback
+of user errors too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from harvest import arc
+from harvest.errors import HarvestError
+
+log = logging.getLogger("harvest")
+
+
+def format_report(summary: dict, out: str) -> str:
+    s = summary["session"]
+    lines = [
+        f"harvest: {summary['sequences']} sequences, {summary['tokens']:,} tokens "
+        f"(prefill {summary['tokens_per_phase']['prefill']:,}, decode {summary['tokens_per_phase']['decode']:,}) "
+        f"in {out}",
+        f"  on disk {summary['bytes_on_disk'] / 2**20:,.1f} MiB, activation compression "
+        f"{summary['compression_ratio']:.2f}x",
+        f"  this session: {s['sequences']} sequences in {s['seconds']:.1f} s, "
+        f"{s['tokens_per_second']:,.0f} tok/s (prompt {s['prompt_tokens']:,} + generated {s['generated_tokens']:,})",
+        f"  skipped: {summary['skipped_invalid']} invalid tasks, {summary['skipped_too_long']} prompts too long",
+        arc.format_summary(summary["arc"]),
+    ]
+    return "\n".join(lines)
+
+
+def _run_command(args) -> int:
+    from harvest.cli.config import load
+    from harvest.cli.pipeline import run
+
+    cfg = load(args.config, args.overrides)
+    summary = run(cfg, args.overwrite)
+    print(format_report(summary, cfg.output.path))
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="harvest activations as a YAML config says (see configs/demo.yaml)",
+        description="Harvest activations into a run folder; re-running resumes it.",
+    )
+    p.add_argument("config", help="YAML run config (see configs/demo.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (value parsed as YAML); repeatable",
+    )
+    p.add_argument("--overwrite", action="store_true", help="delete the output run folder and start over")
+    p.set_defaults(command=_run_command)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="harvest", description="Harvest Qwen2 activations over ARC-AGI into Zarr.")
+    sub = ap.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    _add_run(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    try:
+        return args.command(args)
+    except HarvestError as e:
+        if os.environ.get("HARVEST_DEBUG") == "1":
+            raise
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"harvest: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

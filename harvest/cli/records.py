@@ -1,0 +1,152 @@
+"""One generated row becomes one stored sequence: its table row, per-token labels and activations.
+
+    builder = RecordBuilder(tokenizer, "digits", hooks, phases, targets)
+    records = builder.records(batch_output.to_host(), batch, prompts, keep)
+
+Prompt tokens carry the cell map the prompt builder made; generated tokens get their cell in the
+parsed answer (`answer_cells`). The answer is parsed, un-augmented and scored here, once, and
+the pipeline's summary re-reads the stored text through the same `read_answer`/`attempt`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+
+from harvest import arc
+from harvest.engine.generate import BatchOutput
+from harvest.engine.hooks import Hook
+from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS
+from harvest.store.shard import SequenceRecord
+
+
+def token_spans(tokenizer, ids) -> tuple[str, np.ndarray]:
+    """Decode ids -> (text, char offsets [T, 2]); special tokens decode to nothing."""
+    ids = [int(i) for i in ids]
+    kw = dict(skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    pieces = tokenizer.batch_decode([[i] for i in ids], **kw)
+    text = tokenizer.decode(ids, **kw)
+    if "".join(pieces) != text:
+        # a multi-byte character split over tokens: measure prefixes instead
+        pieces = [""] * len(ids)
+        prev = 0
+        for k in range(len(ids)):
+            n = len(tokenizer.decode(ids[: k + 1], **kw).rstrip("\ufffd"))
+            pieces[k], prev = "x" * max(n - prev, 0), max(n, prev)
+    ends = np.cumsum([len(p) for p in pieces], dtype=np.int64)
+    starts = ends - np.array([len(p) for p in pieces], dtype=np.int64)
+    return text, np.stack([starts, ends], 1).reshape(-1, 2)
+
+
+def answer_cells(tokenizer, generated_ids, fmt: str = "digits") -> tuple[np.ndarray, np.ndarray]:
+    """Per generated token, its (row, col) in the parsed answer grid; -1 for non-cell tokens and
+    for every token when the answer doesn't parse. -> (rows int16 [T], cols int16 [T])."""
+    text, spans = token_spans(tokenizer, generated_ids)
+    rows = np.full(len(spans), -1, np.int16)
+    cols = np.full(len(spans), -1, np.int16)
+    parsed = arc.parse_answer(text, fmt)
+    if parsed.grid is None or not len(spans):
+        return rows, cols
+    where, rr, cc = parsed.cell_chars, parsed.rows, parsed.cols
+    # token k holds the cell at char p iff start_k <= p < end_k; take the first cell per token
+    k = np.searchsorted(spans[:, 1], where, side="right")
+    ok = (k < len(spans)) & (spans[np.minimum(k, len(spans) - 1), 0] <= where)
+    k, rr, cc = k[ok], rr[ok], cc[ok]
+    first = np.unique(k, return_index=True)[1]
+    rows[k[first]], cols[k[first]] = rr[first], cc[first]
+    return rows, cols
+
+
+def read_answer(text: str, augmentation: dict, fmt: str):
+    """The generated text as a grid in the task's original frame (augmentation undone), or None."""
+    return arc.invert(arc.parse_grid(text, fmt)[0], augmentation)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordBuilder:
+    tokenizer: object
+    fmt: str  # the prompt's grid format, which answers are parsed in
+    hooks: tuple[Hook, ...]
+    phases: frozenset[str]  # the phases whose tokens are stored
+    targets: dict  # (task id, test index) -> the original answer grid, or None
+
+    def attempt(self, task_id: str, test_index: int, prediction) -> dict:
+        """One scored attempt, as arc.score_tasks takes it."""
+        target = self.targets.get((task_id, test_index))
+        return {
+            **arc.score_sequence(prediction, target),
+            "task_id": task_id,
+            "test_index": test_index,
+            "prediction": prediction,
+            "target": target,
+        }
+
+    def records(
+        self, host: BatchOutput, batch: list[arc.SequenceSpec], prompts: dict[int, arc.Prompt], keep: set[int]
+    ) -> list[SequenceRecord]:
+        """host: one batch's output on the host; rows follow `batch`; only ids in `keep` are built."""
+        return [
+            self.record(host, row, seq, prompts[seq.sequence_id])
+            for row, seq in enumerate(batch)
+            if seq.sequence_id in keep
+        ]
+
+    def record(self, host: BatchOutput, row: int, seq: arc.SequenceSpec, prompt: arc.Prompt) -> SequenceRecord:
+        n, gen_ids = len(prompt), host.generated(row)
+        text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
+        score = self.attempt(seq.task_id, seq.test_index, read_answer(text, seq.augmentation, self.fmt))
+        meta = dict(
+            sequence_id=seq.sequence_id,
+            task_id=seq.task_id,
+            test_index=seq.test_index,
+            augmentation=json.dumps(seq.augmentation),
+            sample_index=seq.sample_index,
+            prompt_length=n,
+            generated_length=len(gen_ids),
+            stop_reason=STOP_REASONS[int(host.stop_reason[row])],
+            generated_text=text,
+            parsed_ok=score["parsed_ok"],
+            pred_h=score["pred_shape"][0],
+            pred_w=score["pred_shape"][1],
+            shape_ok=score["shape_ok"],
+            pixel_accuracy=score["pixel_accuracy"],
+            correct=score["correct"],
+            logprob=float(host.logprob[row]),
+            chat=prompt.chat,
+            has_target=seq.target is not None,
+        )
+        cols, acts = [], {h.name: [] for h in self.hooks}
+        if "prefill" in self.phases:
+            cols.append(
+                dict(
+                    token_id=prompt.token_ids,
+                    position=np.arange(n),
+                    phase=np.full(n, PHASES["prefill"]),
+                    segment=prompt.segment,
+                    example=prompt.example,
+                    row=prompt.row,
+                    col=prompt.col,
+                )
+            )
+            for h in self.hooks:
+                acts[h.name].append(host.prefill_acts[h.name][row, :n])  # [n, width]
+        if "decode" in self.phases:
+            t = len(gen_ids)
+            rows, cells_col = answer_cells(self.tokenizer, gen_ids, self.fmt)
+            cols.append(
+                dict(
+                    token_id=gen_ids,
+                    position=n + np.arange(t),
+                    phase=np.full(t, PHASES["decode"]),
+                    segment=np.full(t, SEGMENTS["answer"]),
+                    example=np.full(t, -1),
+                    row=rows,
+                    col=cells_col,
+                )
+            )
+            for h in self.hooks:
+                acts[h.name].append(host.decode_acts[h.name][row, :t])  # [t, width]
+        tokens = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
+        return SequenceRecord(meta, tokens, {k: np.concatenate(v) for k, v in acts.items()})

@@ -1,0 +1,6 @@
+"""The activation store: one schema (format), the run folder (runfolder), building one shard
+(shard), the background writer (writer), and the read side (reader, then chunks, stats, loader,
+joined in api). `harvest.data` is the documented entry point for readers.
+
+This package imports nothing on its own, so `harvest.store.format` stays a light import.
+"""

@@ -1,0 +1,155 @@
+"""The one schema of a harvest run folder: every column, code, path and file name, and the version.
+
+docs/FORMAT.md is the public description of these facts; this module is where the code reads
+them. It imports only numpy, so the engine and the ARC package can use its vocabularies (phases,
+segments, stop reasons) without pulling in zarr.
+
+Run folder:
+    RUN/run.json                      provenance + config (written by the run loop)
+    RUN/summary.json                  scores and speed of the last session
+    RUN/.lock                         flock held by the live harvest process
+    RUN/shards/000012.zarr/           one complete Zarr v3 group (store.shard builds it)
+    RUN/commits/000012.json           commit record, written LAST; only committed shards exist
+    RUN/stats/<hook>.json|.npz|...    cached statistics (store.stats); never part of the data
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_NAME = "harvest-activations"
+FORMAT_VERSION = 1
+
+CODECS = ("blosc-zstd", "zstd", "none")
+STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+
+# ---------------------------------------------------------------- vocabularies (code -> name)
+
+PHASES = {"prefill": 0, "decode": 1}
+SEGMENTS = {"text": 0, "example_input": 1, "example_output": 2, "test_input": 3, "answer": 4}
+# Why a row stopped generating; the engine's stop codes index this tuple.
+STOP_REASONS = ("none", "eos", "stop_string", "max_new_tokens")
+
+# ---------------------------------------------------------------- columns
+
+# Per-token columns a record carries: name -> dtype.
+TOKEN_COLUMNS = {
+    "token_id": np.int32,
+    "position": np.int32,
+    "phase": np.int8,  # PHASES code
+    "segment": np.int8,  # SEGMENTS code
+    "example": np.int16,  # ARC demonstration index, -1 if none
+    "row": np.int16,  # ARC cell row, -1 if the token is not a grid cell
+    "col": np.int16,
+}
+# Per-token columns the shard builder derives: `sequence` (the sequence id) and `first_token`
+# (position 0: the attention-sink row, masked by loaders, never dropped).
+DERIVED_TOKEN_COLUMNS = {"sequence": np.int64, "first_token": np.bool_}
+
+# Per-sequence columns: name -> kind. Missing or None values get the kind's fill value. Other
+# keys of a record's meta are stored too, with an inferred kind.
+SEQUENCE_COLUMNS = {
+    "sequence_id": "int",
+    "task_id": "str",
+    "test_index": "int",
+    "augmentation": "str",  # JSON
+    "sample_index": "int",
+    "prompt_length": "int",
+    "generated_length": "int",
+    "stop_reason": "str",  # one of STOP_REASONS
+    "generated_text": "str",
+    "parsed_ok": "bool",
+    "pred_h": "int",
+    "pred_w": "int",
+    "shape_ok": "bool",
+    "pixel_accuracy": "float",
+    "correct": "bool",
+    "logprob": "float",  # sum of the model's log-probabilities of the generated tokens
+    "chat": "bool",  # the prompt used the chat template
+    "has_target": "bool",  # the task's answer is known (scores are meaningful)
+}
+OFFSET_COLUMNS = ("token_offset", "token_count")  # where the sequence's tokens sit in the shard
+KIND_DTYPE = {"int": np.int64, "float": np.float64, "bool": np.bool_, "str": str}
+KIND_FILL = {"int": -1, "float": float("nan"), "bool": False, "str": ""}
+
+
+# ---------------------------------------------------------------- paths
+
+_SHARD_RE = re.compile(r"^(\d+)\.zarr$")
+_COMMIT_RE = re.compile(r"^(\d+)\.json$")
+TMP_MARK = ".tmp-"  # every temporary file or folder carries it: `<final name>.tmp-<pid>-<hex>`
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """Where everything of one run folder lives."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike):
+        object.__setattr__(self, "root", Path(root))
+
+    @property
+    def shards_dir(self) -> Path:
+        return self.root / "shards"
+
+    @property
+    def commits_dir(self) -> Path:
+        return self.root / "commits"
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / "stats"
+
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".lock"
+
+    def entries(self) -> set[str]:
+        """The names a run folder may hold at its top level."""
+        return {
+            p.name
+            for p in (
+                self.shards_dir,
+                self.commits_dir,
+                self.stats_dir,
+                self.run_json,
+                self.summary_json,
+                self.lock_file,
+            )
+        }
+
+    @staticmethod
+    def shard_name(index: int) -> str:
+        return f"{index:06d}.zarr"
+
+    def shard_path(self, index: int) -> Path:
+        return self.shards_dir / self.shard_name(index)
+
+    def commit_path(self, index: int) -> Path:
+        return self.commits_dir / f"{index:06d}.json"
+
+    @staticmethod
+    def shard_index(name: str) -> int | None:
+        """`000012.zarr` -> 12; None for anything else."""
+        m = _SHARD_RE.match(name)
+        return int(m[1]) if m else None
+
+    @staticmethod
+    def commit_index(name: str) -> int | None:
+        """`000012.json` -> 12; None for anything else (temporary files included)."""
+        m = _COMMIT_RE.match(name)
+        return int(m[1]) if m else None

@@ -1,0 +1,338 @@
+"""Read API over a harvest run folder: only committed shards are visible.
+
+    s = open_store("outputs/demo")
+    s.hooks, s.num_tokens, s.num_sequences, s.metadata
+    s.sequences                  # SequenceTable: dict of numpy columns (+ .to_pandas())
+    s.sequence(sequence_id)      # per-token columns + one [T, d] array per hook
+    s.activations(hook)[a:b]     # lazy [N, d] view over all committed tokens, logical dtype
+    s.tokens("phase")            # [N] per-token column across all shards
+    s.batches(hook, 4096)        # shuffled training batches (harvest.store.loader, docs/TRAINING.md)
+    s.stats(hook)                # cached per-hook statistics (harvest.store.stats)
+
+Global token order is shard index order, then row order inside each shard. `chunk_index(hook)`
+lists (shard, start, stop) row ranges aligned to the inner Zarr chunks: the unit a shuffled
+loader reads.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from harvest.store.format import FORMAT_VERSION, OFFSET_COLUMNS, SEQUENCE_COLUMNS, StoreLayout
+from harvest.store.runfolder import StoreError, read_commits, read_run_metadata
+from harvest.store.shard import from_storage
+
+__all__ = ["StoreReader", "ActivationView", "SequenceTable", "ChunkRef", "ShardInfo"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkRef:
+    """Rows [start, stop) of shard `shard` (its position in Store.shards); global row = offset + start."""
+
+    shard: int
+    start: int
+    stop: int
+    offset: int  # global row index of the shard's first row
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardInfo:
+    index: int  # the shard's number in its file name
+    path: Path
+    num_tokens: int
+    offset: int  # global row of its first token
+    sequence_ids: tuple[int, ...]
+
+
+class SequenceTable(dict):
+    """Per-sequence columns (name -> [S] numpy array), in global token order of the sequences."""
+
+    def to_pandas(self):
+        import pandas as pd
+
+        return pd.DataFrame({k: v for k, v in self.items()})
+
+    def __len__(self) -> int:  # the number of rows, like a DataFrame; the columns are .keys()
+        return len(next(iter(self.values()))) if super().__len__() else 0
+
+
+def _plain(col: np.ndarray) -> np.ndarray:
+    # zarr 3.1 returns numpy StringDType for strings; object arrays are friendlier to pandas and users
+    return col.astype(object) if col.dtype.kind in "TU" else col
+
+
+class StoreReader:
+    """Committed shards of one run folder, read lazily. `harvest.store.api.Store` adds training reads."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.layout = StoreLayout(root)
+        self.root = self.layout.root
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no run folder at {self.root}")
+        commits = read_commits(self.root)
+        self.shards: list[ShardInfo] = []
+        offset = 0
+        hooks = None
+        for i, rec in commits.items():
+            if rec.get("format_version", 0) > FORMAT_VERSION:
+                raise StoreError(
+                    f"shard {i} has format version {rec['format_version']}; this harvest reads <= {FORMAT_VERSION}"
+                )
+            if hooks is None:
+                hooks = rec["hooks"]
+            elif rec["hooks"] != hooks:
+                raise StoreError(f"shard {i} has hooks {sorted(rec['hooks'])}, shard 0 has {sorted(hooks)}")
+            self.shards.append(
+                ShardInfo(i, self.root / rec["path"], rec["num_tokens"], offset, tuple(rec["sequence_ids"]))
+            )
+            offset += rec["num_tokens"]
+        self.commits = list(commits.values())
+        self.hook_widths: dict[str, int] = dict(hooks or {})
+        self.num_tokens = offset
+        self._shard_of_sequence = {sid: k for k, sh in enumerate(self.shards) for sid in sh.sequence_ids}
+        self.num_sequences = sum(len(sh.sequence_ids) for sh in self.shards)
+        if len(self._shard_of_sequence) != self.num_sequences:
+            raise StoreError("a sequence id is committed in more than one shard")
+        self._starts = [sh.offset for sh in self.shards]  # for bisect: global row -> shard
+        self._groups: dict[int, zarr.Group] = {}
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
+        self._token_cache: dict[str, np.ndarray] = {}
+        self._table_cache: list[dict[str, np.ndarray]] | None = None
+        self._stats_cache: dict[tuple, Any] = {}  # (hook, options) -> HookStats
+
+    # ------------------------------------------------------------ summary
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.hook_widths)
+
+    @functools.cached_property
+    def metadata(self) -> dict:
+        try:
+            return read_run_metadata(self.root)
+        except FileNotFoundError:
+            return {}
+
+    @property
+    def storage_dtype(self) -> str | None:
+        return self.commits[0]["storage_dtype"] if self.commits else None
+
+    @property
+    def codec(self) -> dict | None:
+        return self.commits[0]["codec"] if self.commits else None
+
+    def __repr__(self) -> str:
+        return (
+            f"Store({str(self.root)!r}, shards={len(self.shards)}, sequences={self.num_sequences}, "
+            f"tokens={self.num_tokens}, hooks={self.hooks}, dtype={self.storage_dtype})"
+        )
+
+    # ------------------------------------------------------------ zarr access (cached per shard)
+
+    def group(self, k: int) -> zarr.Group:
+        """The Zarr group of the k-th committed shard (k is a position in self.shards)."""
+        if k not in self._groups:
+            self._groups[k] = zarr.open_group(str(self.shards[k].path), mode="r")
+        return self._groups[k]
+
+    def _array(self, k: int, name: str) -> zarr.Array:
+        if (k, name) not in self._arrays:
+            self._arrays[(k, name)] = self.group(k)[name]
+        return self._arrays[(k, name)]
+
+    def _shard_table(self, k: int) -> dict[str, np.ndarray]:
+        return self._tables()[k]
+
+    def _tables(self) -> list[dict[str, np.ndarray]]:
+        if self._table_cache is None:
+            self._table_cache = [
+                {name: _plain(arr[...]) for name, arr in self.group(k)["sequences"].arrays()}
+                for k in range(len(self.shards))
+            ]
+        return self._table_cache
+
+    # ------------------------------------------------------------ public reads
+
+    @functools.cached_property
+    def sequences(self) -> SequenceTable:
+        """All shards' tables concatenated; columns missing in some shard are filled (-1, nan, '', False).
+
+        token_offset is made global (a row index into activations()/tokens()).
+        """
+        tables = self._tables()
+        names: list[str] = list(SEQUENCE_COLUMNS) + [c for c in OFFSET_COLUMNS]
+        for t in tables:
+            names += [c for c in t if c not in names]
+        out = SequenceTable()
+        for name in names:
+            parts = []
+            like = next((t[name] for t in tables if name in t), None)
+            if like is None:
+                continue
+            for sh, t in zip(self.shards, tables):
+                n = len(sh.sequence_ids)
+                col = t.get(name)
+                if col is None:
+                    col = np.full(n, _fill_for(like.dtype), dtype=like.dtype)
+                if name == "token_offset":
+                    col = col + sh.offset
+                parts.append(col)
+            out[name] = np.concatenate(parts) if parts else like[:0]
+        return out
+
+    def tokens(self, name: str) -> np.ndarray:
+        """[N] per-token column (token_id, position, sequence, phase, segment, example, row, col,
+        first_token) across all committed shards."""
+        return self._tokens(name).copy()
+
+    def _tokens(self, name: str) -> np.ndarray:
+        if name not in self._token_cache:
+            if not self.shards:
+                raise StoreError("the store has no committed shards")
+            self._token_cache[name] = np.concatenate([self._array(k, name)[...] for k in range(len(self.shards))])
+        return self._token_cache[name]
+
+    def activations(self, hook: str, dtype: Any = None) -> ActivationView:
+        if hook not in self.hook_widths:
+            raise KeyError(f"hook {hook!r} not in store; hooks: {', '.join(self.hooks)}")
+        return ActivationView(self, hook, dtype)
+
+    def sequence(self, sequence_id: int) -> dict[str, np.ndarray]:
+        """Per-token columns and one [T, d] array per hook for one sequence, in position order."""
+        k = self._shard_of_sequence.get(int(sequence_id))
+        if k is None:
+            raise KeyError(f"sequence {sequence_id} is not committed in {self.root}")
+        t = self._shard_table(k)
+        j = int(np.flatnonzero(t["sequence_id"] == int(sequence_id))[0])
+        a = int(t["token_offset"][j])
+        b = a + int(t["token_count"][j])
+        g = self.group(k)
+        out = {name: arr[a:b] for name, arr in g.arrays()}  # per-token columns
+        for hook in self.hooks:
+            arr = g["acts"][hook]
+            out[hook] = from_storage(arr[a:b], arr.attrs.get("logical_dtype"))  # [T, d]
+        return out
+
+    def chunk_index(self, hook: str | None = None) -> list[ChunkRef]:
+        """Row ranges aligned to the inner chunks of `hook` (default: the first hook)."""
+        hook = hook or self.hooks[0]
+        out = []
+        for k, sh in enumerate(self.shards):
+            rows = self._array(k, f"acts/{hook}").chunks[0]
+            for a in range(0, sh.num_tokens, rows):
+                out.append(ChunkRef(k, a, min(a + rows, sh.num_tokens), sh.offset))
+        return out
+
+    def read_rows(self, hook: str, k: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of shard k for hook, in logical dtype. [stop-start, d]"""
+        arr = self._array(k, f"acts/{hook}")
+        return from_storage(arr[start:stop], arr.attrs.get("logical_dtype"))
+
+
+def _fill_for(dtype: np.dtype) -> Any:
+    return {"b": False, "i": -1, "u": 0, "f": np.nan}.get(dtype.kind, "")
+
+
+class ActivationView:
+    """Lazy [N, d] view of one hook over all committed tokens. Indexing reads only what it needs.
+
+    Supports v[i], v[a:b:s], v[int array], v[bool mask], and a second index on d (v[rows, cols]).
+    """
+
+    def __init__(self, store: StoreReader, hook: str, dtype: Any = None):
+        self.store, self.hook = store, hook
+        self.width = store.hook_widths[hook]
+        self.shape = (store.num_tokens, self.width)
+        self._cast = None if dtype is None else np.dtype(dtype)
+
+    @property
+    def dtype(self) -> np.dtype:
+        if self._cast is not None:
+            return self._cast
+        if not self.store.shards:
+            return np.dtype("float32")
+        return self.store.read_rows(self.hook, 0, 0, 0).dtype
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        x = self[:]
+        return x if dtype is None else x.astype(dtype)
+
+    def __repr__(self) -> str:
+        return f"ActivationView({self.hook!r}, shape={self.shape}, dtype={self.dtype})"
+
+    def __getitem__(self, key) -> np.ndarray:
+        cols = slice(None)
+        if isinstance(key, tuple):
+            if len(key) != 2:
+                raise IndexError("at most 2 indices: rows, dims")
+            key, cols = key
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (self.shape[0] if key < 0 else 0)
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"row {key} out of range for {self.shape[0]} rows")
+            return self._read_sorted(np.array([i]))[0][cols]
+        if isinstance(key, slice):
+            start, stop, step = key.indices(self.shape[0])
+            if step == 1:
+                return self._read_range(start, stop)[:, cols]
+            key = np.arange(start, stop, step)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (self.shape[0],):
+                raise IndexError(f"boolean mask has shape {idx.shape}, want ({self.shape[0]},)")
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or idx.dtype.kind not in "iu":
+            raise IndexError("row index must be an int, slice, 1-D int array or bool mask")
+        idx = np.where(idx < 0, idx + self.shape[0], idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
+            raise IndexError(f"row index out of range for {self.shape[0]} rows")
+        order = np.argsort(idx, kind="stable")
+        out = self._read_sorted(idx[order])
+        res = np.empty_like(out)
+        res[order] = out  # back to the caller's order
+        return res[:, cols]
+
+    def _finish(self, x: np.ndarray) -> np.ndarray:
+        return x if self._cast is None else x.astype(self._cast)
+
+    def _read_range(self, start: int, stop: int) -> np.ndarray:
+        parts = []
+        starts = self.store._starts
+        k = max(bisect.bisect_right(starts, start) - 1, 0)
+        while start < stop and k < len(self.store.shards):
+            sh = self.store.shards[k]
+            a, b = start - sh.offset, min(stop, sh.offset + sh.num_tokens) - sh.offset
+            if b > a:
+                parts.append(self.store.read_rows(self.hook, k, a, b))
+                start = sh.offset + b
+            k += 1
+        if not parts:
+            return self._finish(self._empty())
+        return self._finish(np.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
+        # idx: sorted global rows; group by shard, read each shard's rows with one orthogonal read
+        parts = []
+        shard_of = np.searchsorted(np.asarray(self.store._starts), idx, side="right") - 1
+        for k in np.unique(shard_of):
+            local = idx[shard_of == k] - self.store.shards[k].offset
+            arr = self.store._array(int(k), f"acts/{self.hook}")
+            rows = arr.get_orthogonal_selection((local, slice(None)))
+            parts.append(from_storage(rows, arr.attrs.get("logical_dtype")))
+        if not parts:
+            return self._finish(self._empty())
+        return self._finish(np.concatenate(parts) if len(parts) > 1 else parts[0])
+
+    def _empty(self) -> np.ndarray:
+        return np.zeros((0, self.width), dtype=self.dtype)

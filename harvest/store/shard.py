@@ -1,0 +1,335 @@
+"""One shard of a harvest run: an immutable Zarr v3 group, built whole by one writer.
+
+`ShardWriter.write(i, records)` builds `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsyncs it, renames
+it to `shards/{i:06d}.zarr`, then writes `commits/{i:06d}.json` via tmp file + rename: the commit
+point. A crash at any moment leaves either a committed shard or leftovers that
+`harvest.runfolder.scan_run` deletes. docs/FORMAT.md is the public contract.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from harvest.store.format import (
+    CODECS,
+    DERIVED_TOKEN_COLUMNS,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    KIND_DTYPE,
+    KIND_FILL,
+    OFFSET_COLUMNS,
+    PHASES,
+    SEQUENCE_COLUMNS,
+    STORAGE_DTYPES,
+    TOKEN_COLUMNS,
+    StoreLayout,
+)
+from harvest.store.runfolder import StoreError, fsync_path, fsync_tree, json_default, tmp_path, write_json_atomic
+
+DEFAULT_SHARD_BYTES = 128 << 20
+DEFAULT_CHUNK_BYTES = 4 << 20  # inner chunk target; rows are rounded down to a power of two
+BLOSC_BLOCKSIZE = 1 << 20  # with blosc's default blocksize, byte shuffle gains nothing on bf16
+
+
+@dataclasses.dataclass
+class SequenceRecord:
+    """One complete sequence: its table row, its per-token columns and its activations.
+
+    tokens: name -> [n] (TOKEN_COLUMNS); acts: hook name -> [n, width] in compute dtype.
+    """
+
+    meta: dict[str, Any]
+    tokens: dict[str, np.ndarray]
+    acts: dict[str, np.ndarray]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens["position"])
+
+
+# ---------------------------------------------------------------- codecs and dtypes
+
+
+def storage_numpy_dtype(storage_dtype: str) -> np.dtype:
+    """The dtype of the bits on disk: bfloat16 is kept as uint16 (zarr 3.1 has no bfloat16)."""
+    if storage_dtype not in STORAGE_DTYPES:
+        raise ValueError(f"storage dtype {storage_dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
+    return np.dtype(np.uint16 if storage_dtype == "bfloat16" else storage_dtype)
+
+
+def to_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
+    """Cast compute-dtype activations to the on-disk bits (bit-exact when the dtypes match)."""
+    x = np.asarray(x)
+    if storage_dtype == "bfloat16":
+        return x.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16)
+    with np.errstate(over="ignore"):  # checked just below, with a clearer message
+        y = x.astype(storage_dtype, copy=False)
+    if storage_dtype == "float16" and x.dtype != np.float16 and not np.isfinite(y).all() and np.isfinite(x).all():
+        # Large Qwen2 models carry residual values past float16's 65504: never store them as inf.
+        raise StoreError(
+            f"activations up to {float(np.abs(x).max()):.0f} overflow float16 storage; "
+            f"use capture.dtype bfloat16 or float32"
+        )
+    return y
+
+
+def from_storage(x: np.ndarray, logical_dtype: str | None) -> np.ndarray:
+    return x.view(ml_dtypes.bfloat16) if logical_dtype == "bfloat16" else x
+
+
+def codec_config(codec: str, level: int = 1) -> dict:
+    """The codec description recorded in shard attributes and commit records."""
+    if codec == "none":
+        return {"name": "none"}
+    if codec == "zstd":
+        return {"name": "zstd", "level": level}
+    if codec == "blosc-zstd":
+        return {
+            "name": "blosc-zstd",
+            "cname": "zstd",
+            "level": level,
+            "shuffle": "shuffle",
+            "blocksize": BLOSC_BLOCKSIZE,
+        }
+    raise ValueError(f"codec {codec!r} is not one of {', '.join(CODECS)}")
+
+
+def _compressors(codec: str, level: int, itemsize: int) -> list:
+    if codec == "none":
+        return []
+    if codec == "zstd":
+        return [ZstdCodec(level=level)]
+    # typesize must equal the element size or byte shuffle groups the wrong bytes
+    return [BloscCodec(cname="zstd", clevel=level, shuffle="shuffle", typesize=itemsize, blocksize=BLOSC_BLOCKSIZE)]
+
+
+def chunk_rows(width: int, itemsize: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per inner chunk: the largest power of two whose chunk (rows, width) fits chunk_bytes."""
+    rows = max(1, chunk_bytes // (width * itemsize))
+    return 1 << (rows.bit_length() - 1)
+
+
+# ---------------------------------------------------------------- building one shard
+
+
+def _kind_of(values: list) -> str | None:
+    """Infer a column kind from Python/numpy scalars: bool < int < float; anything else is str."""
+    kinds = set()
+    for v in values:
+        if v is None:
+            continue
+        if isinstance(v, (bool, np.bool_)):
+            kinds.add("bool")
+        elif isinstance(v, (int, np.integer)):
+            kinds.add("int")
+        elif isinstance(v, (float, np.floating)):
+            kinds.add("float")
+        else:
+            kinds.add("str")
+    if not kinds:
+        return None
+    if len(kinds) == 1:
+        return kinds.pop()
+    if kinds <= {"int", "float"}:
+        return "float"
+    raise StoreError(f"column mixes value kinds {sorted(kinds)}")
+
+
+def _as_str(v: Any) -> str:
+    return v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=json_default)
+
+
+def build_sequence_table(metas: list[dict]) -> dict[str, np.ndarray]:
+    """Per-sequence columns: the standard ones with fixed kinds, extras with inferred kinds."""
+    names = list(SEQUENCE_COLUMNS) + sorted({k for m in metas for k in m} - set(SEQUENCE_COLUMNS))
+    table = {}
+    for name in names:
+        if name in OFFSET_COLUMNS:
+            raise StoreError(f"sequence column {name!r} is reserved")
+        values = [m.get(name) for m in metas]
+        kind = SEQUENCE_COLUMNS.get(name) or _kind_of(values)
+        if kind is None:
+            continue  # an extra column that is None everywhere carries nothing
+        fill = KIND_FILL[kind]
+        values = [fill if v is None else v for v in values]
+        if kind == "str":
+            table[name] = np.array([_as_str(v) for v in values], dtype=object)
+        else:
+            table[name] = np.asarray(values, dtype=KIND_DTYPE[kind])
+    return table
+
+
+def validate_record(rec: SequenceRecord, hooks: dict[str, int]) -> None:
+    if "sequence_id" not in rec.meta:
+        raise StoreError("sequence meta has no 'sequence_id'")
+    sid = rec.meta["sequence_id"]
+    missing = set(TOKEN_COLUMNS) - set(rec.tokens)
+    if missing:
+        raise StoreError(f"sequence {sid}: missing token columns {sorted(missing)}")
+    n = rec.num_tokens
+    for name, col in rec.tokens.items():
+        if np.shape(col) != (n,):
+            raise StoreError(f"sequence {sid}: token column {name!r} has shape {np.shape(col)}, want ({n},)")
+    if set(rec.acts) != set(hooks):
+        raise StoreError(f"sequence {sid}: hooks {sorted(rec.acts)} != writer hooks {sorted(hooks)}")
+    for name, a in rec.acts.items():
+        if np.shape(a) != (n, hooks[name]):
+            raise StoreError(f"sequence {sid}: {name} has shape {np.shape(a)}, want ({n}, {hooks[name]})")
+    pos = np.asarray(rec.tokens["position"])
+    if n > 1 and not np.all(np.diff(pos) > 0):
+        raise StoreError(f"sequence {sid}: positions are not strictly increasing")
+    if n > 1 and not np.all(np.diff(np.asarray(rec.tokens["phase"])) >= 0):
+        raise StoreError(f"sequence {sid}: decode tokens come before prefill tokens")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+class ShardWriter:
+    """Writes one complete shard per `write` call, then commits it. Not thread-safe: one per thread.
+
+    hooks: name -> width. Records passed to `write` must already be validated and their acts
+    already cast to storage bits (see `prepare_record`), so the writer thread holds compact data.
+    """
+
+    def __init__(
+        self,
+        run_dir,
+        hooks: dict[str, int],
+        storage_dtype: str = "bfloat16",
+        codec: str = "blosc-zstd",
+        codec_level: int = 1,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        fsync: bool = True,
+    ):
+        self.layout = StoreLayout(run_dir)
+        self.hooks = dict(hooks)
+        self.storage_dtype = storage_dtype
+        self.np_dtype = storage_numpy_dtype(storage_dtype)
+        self.codec = codec_config(codec, codec_level)  # validates the name
+        self.codec_name, self.codec_level = codec, codec_level
+        self.chunk_bytes = chunk_bytes
+        self.fsync = fsync
+        self.layout.shards_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.commits_dir.mkdir(parents=True, exist_ok=True)
+
+    def prepare_record(self, rec: SequenceRecord) -> SequenceRecord:
+        """Validate and cast to storage bits (halves host RAM for float32 -> bfloat16)."""
+        validate_record(rec, self.hooks)
+        acts = {k: to_storage(v, self.storage_dtype) for k, v in rec.acts.items()}
+        tokens = {k: np.asarray(v) for k, v in rec.tokens.items()}
+        return SequenceRecord(dict(rec.meta), tokens, acts)
+
+    def record_bytes(self, rec: SequenceRecord) -> int:
+        return rec.num_tokens * sum(self.hooks.values()) * self.np_dtype.itemsize
+
+    def write(self, index: int, records: list[SequenceRecord]) -> dict:
+        """Build shard `index` from prepared records under a temp name, rename, commit. -> commit record."""
+        if not records:
+            raise StoreError("a shard needs at least one sequence")
+        final = self.layout.shard_path(index)
+        if self.layout.commit_path(index).exists():
+            raise StoreError(f"shard {index} is already committed; shards are immutable")
+        tmp = tmp_path(final)
+        try:
+            info = self._build(tmp, index, records)
+            if self.fsync:
+                fsync_tree(tmp)
+            if final.exists():  # an uncommitted leftover of a crash: never visible, safe to drop
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            if self.fsync:
+                fsync_path(final.parent, directory=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        info["bytes"] = _dir_bytes(final)
+        info["acts_bytes"] = _dir_bytes(final / "acts")
+        info["committed_at"] = time.time()
+        write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync)  # the commit point
+        return info
+
+    def _build(self, path: Path, index: int, records: list[SequenceRecord]) -> dict:
+        counts = np.array([r.num_tokens for r in records], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        n = int(counts.sum())
+        sids = [int(r.meta["sequence_id"]) for r in records]
+        if len(set(sids)) != len(sids):
+            raise StoreError("duplicate sequence ids within one shard")
+
+        tokens = {
+            k: np.concatenate([np.asarray(r.tokens[k]) for r in records]).astype(dt, copy=False)
+            for k, dt in TOKEN_COLUMNS.items()
+        }  # each [n]
+        tokens["sequence"] = np.repeat(np.asarray(sids, dtype=DERIVED_TOKEN_COLUMNS["sequence"]), counts)
+        tokens["first_token"] = tokens["position"] == 0  # attention-sink rows: mask, never drop
+        table = build_sequence_table([r.meta for r in records])
+        table["token_offset"], table["token_count"] = offsets, counts
+
+        hooks_attr = {
+            h: {"width": w, "storage_dtype": str(self.np_dtype), "logical_dtype": self.storage_dtype}
+            for h, w in self.hooks.items()
+        }
+        phase_counts = {p: int((tokens["phase"] == code).sum()) for p, code in PHASES.items()}
+        attrs = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "shard": index,
+            "num_tokens": n,
+            "num_sequences": len(records),
+            "hooks": hooks_attr,
+            "codec": self.codec,
+            "tokens_per_phase": phase_counts,
+        }
+        root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        small = [ZstdCodec(level=3)]  # token and sequence columns are tiny next to the activations
+        for name, col in tokens.items():
+            root.create_array(name, shape=col.shape, dtype=col.dtype, chunks=(max(n, 1),), compressors=small)[...] = col
+        seq = root.create_group("sequences")
+        for name, col in table.items():
+            dt = str if col.dtype == object else col.dtype
+            seq.create_array(name, shape=col.shape, dtype=dt, chunks=(len(records),), compressors=small)[...] = col
+        acts = root.create_group("acts")
+        raw = 0
+        for hook, width in self.hooks.items():
+            data = np.concatenate([r.acts[hook] for r in records]).astype(self.np_dtype, copy=False)  # [n, width]
+            rows = chunk_rows(width, self.np_dtype.itemsize, self.chunk_bytes)
+            rows = min(rows, max(n, 1))
+            shard_rows = -(-max(n, 1) // rows) * rows  # one shard object holds the whole array
+            arr = acts.create_array(
+                hook,
+                shape=data.shape,
+                dtype=self.np_dtype,
+                chunks=(rows, width),
+                shards=(shard_rows, width),
+                compressors=_compressors(self.codec_name, self.codec_level, self.np_dtype.itemsize),
+                attributes={"hook": hook, "logical_dtype": self.storage_dtype},
+            )
+            arr[...] = data  # the whole shard in one write: no read-modify-write
+            raw += data.nbytes
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "shard": index,
+            "path": self.layout.shard_path(index).relative_to(self.layout.root).as_posix(),
+            "num_tokens": n,
+            "num_sequences": len(records),
+            "sequence_ids": sids,
+            "tokens_per_phase": phase_counts,
+            "hooks": {h: w for h, w in self.hooks.items()},
+            "storage_dtype": self.storage_dtype,
+            "codec": self.codec,
+            "acts_raw_bytes": raw,
+        }

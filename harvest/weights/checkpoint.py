@@ -1,0 +1,238 @@
+"""Load a Qwen2 checkpoint into the params pytree: hub id, local folder, .gguf file or random preset.
+
+    load_model("Qwen/Qwen2.5-0.5B-Instruct")       # hub (uses the local HF cache when offline)
+    load_model("/models/qwen2.5-0.5b", "float32")  # folder: config.json + *.safetensors
+    load_model("/models/qwen2.5-0.5b-q4.gguf")     # de-quantized with the gguf package
+    load_model("random:tiny")                      # random weights, real Qwen2 tokenizer
+
+Tensors are read one at a time from memory-mapped safetensors and cast straight to the target
+dtype, so no float32 copy of the whole model ever exists. Pickle (.bin) checkpoints and custom
+code (trust_remote_code) are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from harvest.engine import params as P
+from harvest.engine.config import ModelConfig, ModelError, preset_hf_config
+from harvest.engine.stopping import eos_ids_for
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ASSETS = Path(__file__).parent.parent / "assets"
+PACKAGED_TOKENIZER = ASSETS / "qwen2_tokenizer"
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    params: dict
+    hf_config: dict
+    eos_ids: tuple[int, ...]
+    source: str  # what the user asked for
+    folder: Path | None  # where config/tokenizer were read (None for presets)
+    weight_files: tuple[Path, ...]  # what the sha256 covers
+    dtype: str
+    _tokenizer: Any = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self.weight_files and self.weight_files[0].suffix == ".gguf":
+                from harvest.weights.gguf_file import load_gguf_tokenizer
+
+                self._tokenizer = load_gguf_tokenizer(self.weight_files[0])
+            else:
+                self._tokenizer = load_tokenizer(self.folder)
+        return self._tokenizer
+
+    @functools.cached_property
+    def weights_sha256(self) -> str:
+        """sha256 over the weight files in order; for presets, over the preset name and seed."""
+        h = hashlib.sha256()
+        if not self.weight_files:
+            h.update(self.source.encode())
+        for f in self.weight_files:
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+
+def resolve_dtype(name: str):
+    if name not in DTYPES:
+        raise ModelError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(path: str, dtype: str = "bfloat16") -> LoadedModel:
+    jdtype = resolve_dtype(dtype)
+    path = str(path)
+    if path.startswith("random:"):
+        return _load_random(path, dtype, jdtype)
+    local = Path(path).expanduser()
+    if local.suffix == ".gguf":
+        if not local.is_file():
+            raise ModelError(f"GGUF file {path!r} does not exist")
+        from harvest.weights.gguf_file import load_gguf
+
+        hf, leaves = load_gguf(local, jdtype)
+        cfg = ModelConfig.from_hf(hf)
+        params = P.assemble(cfg, leaves)
+        return LoadedModel(cfg, params, hf, eos_ids_for(hf, None, cfg.vocab_size), path, local.parent, (local,), dtype)
+    if local.exists():
+        if not local.is_dir():
+            raise ModelError(f"model path {path!r} is a file; give a folder with config.json, or a .gguf file")
+        return _load_folder(local, path, dtype, jdtype)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path) and not path.startswith((".", "/")):
+        return _load_folder(_download(path), path, dtype, jdtype)
+    raise ModelError(f"model path {path!r} does not exist (give a folder, a .gguf file, a hub id or random:tiny)")
+
+
+def _load_random(path: str, dtype: str, jdtype) -> LoadedModel:
+    parts = path.split(":")
+    name = parts[1] if len(parts) > 1 else ""
+    seed = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else 0
+    hf = preset_hf_config(name)
+    cfg = ModelConfig.from_hf(hf)
+    return LoadedModel(
+        cfg, P.init_params(cfg, seed, jdtype), hf, eos_ids_for(hf, None, cfg.vocab_size), path, None, (), dtype
+    )
+
+
+def _download(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError as e:  # pragma: no cover - a runtime dependency
+        raise ModelError(f"huggingface_hub is needed to fetch {repo_id!r}: {e}") from e
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError as e:
+        raise ModelError(
+            f"cannot fetch {repo_id!r}: the hub is unreachable and it is not in the local "
+            f"Hugging Face cache; download it elsewhere and pass the folder"
+        ) from e
+    except Exception as e:
+        try:  # offline: fall back to whatever the cache holds
+            return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+        except Exception:
+            raise ModelError(f"cannot fetch {repo_id!r}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from e
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{path} is not valid JSON: {e}") from e
+
+
+def _load_folder(folder: Path, source: str, dtype: str, jdtype) -> LoadedModel:
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise ModelError(f"no config.json in {folder}; is this a Hugging Face model folder?")
+    hf = read_json(cfg_file)
+    if hf.get("auto_map"):
+        raise ModelError(
+            f"{folder} needs custom code (auto_map); harvest never runs trust_remote_code "
+            f"and supports Qwen2ForCausalLM only"
+        )
+    cfg = ModelConfig.from_hf(hf)
+    files = safetensors_files(folder)
+    leaves = {}
+    tensors = TensorIndex(files)
+    for path, spec, name in P.iter_specs(cfg):
+        leaves[path] = tensors.load(name, spec.shape(cfg), jdtype)
+    params = P.assemble(cfg, leaves)
+    gen_file = folder / "generation_config.json"
+    gen = read_json(gen_file) if gen_file.is_file() else None
+    return LoadedModel(cfg, params, hf, eos_ids_for(hf, gen, cfg.vocab_size), source, folder, tuple(files), dtype)
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(read_json(index)["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise ModelError(f"{index.name} names shard(s) missing from {folder}: {', '.join(missing)}")
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    if list(folder.glob("*.bin")) or list(folder.glob("*.pt")) or list(folder.glob("*.pth")):
+        raise ModelError(
+            f"{folder} has only pickle weights (.bin/.pt), which harvest refuses to load; "
+            f"convert them to safetensors first"
+        )
+    raise ModelError(f"no *.safetensors weights in {folder}")
+
+
+class TensorIndex:
+    """Name -> memory-mapped tensor across one or more safetensors files (no torch needed)."""
+
+    def __init__(self, files: list[Path]):
+        self.entries: dict[str, tuple[Path, dict, int]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for name, meta in header.items():
+                self.entries[name] = (f, meta, 8 + n)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def load(self, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
+        if name not in self.entries:
+            raise ModelError(f"checkpoint has no tensor {name!r}")
+        f, meta, base = self.entries[name]
+        if meta["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ModelError(f"tensor {name!r} has unsupported dtype {meta['dtype']}")
+        if tuple(meta["shape"]) != tuple(shape):
+            raise ModelError(f"tensor {name!r} has shape {tuple(meta['shape'])}, config implies {tuple(shape)}")
+        if f not in self._maps:
+            self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
+        start, end = meta["data_offsets"]
+        raw = self._maps[f][base + start : base + end]
+        arr = raw.view(_SAFETENSORS_DTYPES[meta["dtype"]]).reshape(shape)
+        return jnp.asarray(arr.astype(jnp.dtype(dtype), copy=False))
+
+
+def load_tokenizer(folder: Path | None):
+    """The checkpoint's own tokenizer, else the packaged Qwen2 one (random presets, bare test folders)."""
+    from transformers import AutoTokenizer
+
+    if folder is not None and ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+        return AutoTokenizer.from_pretrained(str(folder))
+    if folder is not None:
+        log.warning("no tokenizer in %s; using the packaged Qwen2 tokenizer", folder)
+    return AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER))
+
+
+def describe(lm: LoadedModel) -> dict[str, Any]:
+    """Provenance fields for run metadata."""
+    return {
+        "source": lm.source,
+        "folder": str(lm.folder) if lm.folder else None,
+        "dtype": lm.dtype,
+        "weights_sha256": lm.weights_sha256,
+        "config": lm.hf_config,
+        "num_params": P.num_params(lm.params),
+        "eos_ids": list(lm.eos_ids),
+    }

@@ -1,0 +1,159 @@
+"""Checkpoint loading: folders, sharded safetensors, tied/untied, dtypes, presets, and refusals."""
+
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from harvest.engine.config import ModelError
+from harvest.weights.checkpoint import load_model
+from helpers.models import make_hf_model
+
+
+def torch_weights(model):
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+def check_params(lm, ref):
+    p = lm.params
+    np.testing.assert_array_equal(np.asarray(p["embed"], np.float32), ref["model.embed_tokens.weight"])
+    for i, layer in enumerate(p["layers"]):
+        np.testing.assert_array_equal(
+            np.asarray(layer["q_b"], np.float32), ref[f"model.layers.{i}.self_attn.q_proj.bias"]
+        )
+        np.testing.assert_array_equal(
+            np.asarray(layer["down_w"], np.float32), ref[f"model.layers.{i}.mlp.down_proj.weight"]
+        )
+
+
+def test_sharded_safetensors_with_index(tmp_path):
+    model = make_hf_model(3)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    lm = load_model(str(tmp_path), "float32")
+    check_params(lm, torch_weights(model))
+    assert "lm_head" in lm.params and not lm.cfg.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(lm.params["lm_head"]), torch_weights(model)["lm_head.weight"])
+    assert len(lm.weights_sha256) == 64
+
+
+def test_tied_embeddings(hf_tiny_tied):
+    model, folder = hf_tiny_tied
+    lm = load_model(str(folder), "float32")
+    assert lm.cfg.tie_embeddings and "lm_head" not in lm.params
+    check_params(lm, torch_weights(model))
+
+
+def test_bfloat16_loads_without_float32_detour(hf_tiny):
+    model, folder = hf_tiny
+    lm = load_model(str(folder), "bfloat16")
+    assert lm.params["layers"][0]["q_w"].dtype == jnp.bfloat16
+    ref = torch_weights(model)["model.layers.0.self_attn.q_proj.weight"]
+    np.testing.assert_array_equal(
+        np.asarray(lm.params["layers"][0]["q_w"]).astype(np.float32), ref.astype(jnp.bfloat16).astype(np.float32)
+    )
+
+
+def test_rope_theta_and_eps_from_either_config_layout(tmp_path):
+    from harvest.engine.config import ModelConfig
+
+    base = dict(
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        vocab_size=10,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=16,
+    )
+    assert (
+        ModelConfig.from_hf({**base, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
+    )
+    assert ModelConfig.from_hf({**base, "rope_theta": 2e5}).rope_theta == 2e5
+    assert ModelConfig.from_hf(base).rope_theta == 1e6  # the Qwen2 default, never 10000
+    assert ModelConfig.from_hf(base).rms_norm_eps == 1e-6
+    assert ModelConfig.from_hf({**base, "sliding_window": 4096, "use_sliding_window": False}).n_layers == 1
+
+
+def test_random_preset_is_deterministic():
+    a = load_model("random:tiny", "float32")
+    b = load_model("random:tiny", "float32")
+    c = load_model("random:tiny:1", "float32")
+    np.testing.assert_array_equal(np.asarray(a.params["layers"][1]["k_w"]), np.asarray(b.params["layers"][1]["k_w"]))
+    assert not np.array_equal(np.asarray(a.params["layers"][1]["k_w"]), np.asarray(c.params["layers"][1]["k_w"]))
+    assert a.cfg.vocab_size == len(a.tokenizer)
+    assert a.eos_ids == (151643, 151645)
+
+
+def test_generation_config_eos_ids(hf_tiny, tmp_path):
+    _, folder = hf_tiny
+    shutil.copytree(folder, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
+    assert load_model(str(tmp_path / "m"), "float32").eos_ids == (7, 9)
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "does not exist"),
+        ("llama", "unsupported architecture 'LlamaForCausalLM'"),
+        ("bin_only", "pickle weights"),
+        ("remote_code", "trust_remote_code"),
+        ("no_config", "no config.json"),
+        ("dtype", "unknown dtype 'float8'"),
+        ("preset", "unknown random preset"),
+        ("hub_offline", "cannot fetch"),
+    ],
+)
+def test_bad_inputs_fail_with_one_line(case, message, tmp_path, hf_tiny, monkeypatch):
+    _, folder = hf_tiny
+    path, dtype = str(tmp_path / "m"), "float32"
+    if case == "missing":
+        path = str(tmp_path / "nope")
+    elif case in ("llama", "bin_only", "remote_code", "no_config"):
+        shutil.copytree(folder, path)
+        cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+        if case == "llama":
+            cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
+        if case == "remote_code":
+            cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        if case == "bin_only":
+            (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
+        if case == "no_config":
+            (tmp_path / "m" / "config.json").unlink()
+    elif case == "dtype":
+        path, dtype = str(folder), "float8"
+    elif case == "preset":
+        path = "random:huge"
+    elif case == "hub_offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+        path = "nobody/not-a-model"
+    with pytest.raises(ModelError, match=message) as e:
+        load_model(path, dtype)
+    assert "\n" not in str(e.value)
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(hf_tiny, tmp_path, monkeypatch):
+    """No network here: a hub id must load from a populated Hugging Face cache."""
+    model, folder = hf_tiny
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snap = cache / "models--someone--tiny-qwen2" / "snapshots" / commit
+    shutil.copytree(folder, snap)
+    (cache / "models--someone--tiny-qwen2" / "refs").mkdir()
+    (cache / "models--someone--tiny-qwen2" / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    lm = load_model("someone/tiny-qwen2", "float32")
+    check_params(lm, torch_weights(model))
+    assert lm.source == "someone/tiny-qwen2" and lm.folder == snap
