@@ -79,7 +79,7 @@ def main() -> None:
         build(path, args.mb, 896, args.codec)
     store = open_store(path)
     hook, d = args.hook, store.hook_widths[args.hook]
-    item = store.read_rows(hook, 0, 0, 0).dtype.itemsize
+    item = store.hook_dtype(hook).itemsize
     nbytes = store.num_tokens * d * item
     print(
         f"{store!r}\ncores: {len(os.sched_getaffinity(0))}, load average {os.getloadavg()[0]:.2f}, "

@@ -1,6 +1,6 @@
 """harvest: Qwen2 in JAX over ARC-AGI, with prefill and decode activations stored in Zarr v3 shards.
 
-The public API (imported lazily, so `from harvest.store.reader import open_store` never pulls in JAX):
+The public API (imported lazily, so `from harvest.data import open_store` never pulls in JAX):
 
     from harvest import load_model, parse_hooks, Generator, GenerateConfig, SamplingConfig
     from harvest import open_store
@@ -12,7 +12,7 @@ The public API (imported lazily, so `from harvest.store.reader import open_store
                                                       decode_hooks=hooks), eos_ids=lm.eos_ids)
     out = gen.generate([ids_a, ids_b], sequence_ids=[0, 1]).to_host()   # tokens, activations, stop reasons
 
-    s = open_store("outputs/demo")                                        # what `python -m harvest.cli.pipeline` wrote
+    s = open_store("outputs/demo")                                        # what `harvest run configs/demo.yaml` wrote
     for x in s.batches("blocks.0.hook_resid_post", 4096): ...
 """
 

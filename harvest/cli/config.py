@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import types
 import typing
 from pathlib import Path
@@ -50,10 +51,21 @@ def _library_checks(section: str):
         raise ConfigError(f"{owner}.{e.field}: {e.message}") from None
 
 
+def expand_paths(section, *names: str) -> None:
+    """`~` and environment variables in path keys, expanded once, so every later use and run.json agree."""
+    for name in names:
+        value = getattr(section, name)
+        if isinstance(value, str):
+            object.__setattr__(section, name, os.path.expandvars(os.path.expanduser(value)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     path: str = "random:tiny"  # hub id | folder | .gguf | random:<preset>
     dtype: Literal[tuple(DTYPES)] = "bfloat16"  # compute dtype
+
+    def __post_init__(self):
+        expand_paths(self, "path")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +80,7 @@ class DataSection:
     max_prompt_tokens: int = 8192  # longer prompts are skipped and counted
 
     def __post_init__(self):
+        expand_paths(self, "path", "solutions")
         if self.source in ("folder", "json", "hf") and not self.path:
             raise ConfigError(f"data.path is required when data.source is {self.source!r}")
 
@@ -148,10 +161,16 @@ class RuntimeSection:
     compile_cache: str | None = "~/.cache/harvest/jax"  # persistent XLA cache; null disables
     progress: bool = True
 
+    def __post_init__(self):
+        expand_paths(self, "compile_cache")
+
 
 @dataclasses.dataclass(frozen=True)
 class OutputSection:
     path: str = "outputs/run"
+
+    def __post_init__(self):
+        expand_paths(self, "path")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from harvest import arc
@@ -34,12 +35,26 @@ def format_report(summary: dict, out: str) -> str:
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: complete sequences are committed
+
+
 def _run_command(args) -> int:
+    from harvest.cli import pipeline
     from harvest.cli.config import load
-    from harvest.cli.pipeline import run
+    from harvest.store.runfolder import read_commits
 
     cfg = load(args.config, args.overrides)
-    summary = run(cfg, args.overwrite)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        summary = pipeline.run(cfg, args.overwrite)
+    except KeyboardInterrupt:
+        committed = sum(int(c["num_sequences"]) for c in read_commits(cfg.output.path).values())
+        print(f"harvest: interrupted: {committed} sequences committed in {cfg.output.path}; "
+              f"run the same command again to resume", file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(format_report(summary, cfg.output.path))
     return 0
 

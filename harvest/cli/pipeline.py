@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -130,9 +131,15 @@ def batches_of(work: Work, batch_size: int) -> list[list]:
 
 def check_output(out: Path) -> None:
     """output.path must be absent, empty or a harvest run folder: never touch anything else,
-    --overwrite included (a typo like output.path=outputs must not wipe every other run)."""
+    --overwrite included (a typo like output.path=outputs must not wipe every other run).
+    It must also be creatable and writable, checked before any work or deletion."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.path {str(out)!r} is a file")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"output.path {str(out)!r} lies under the file {str(existing)!r}; choose another path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output.path {str(out)!r}: {str(existing)!r} is not writable; choose another path")
     if out.is_dir() and {p.name for p in out.iterdir()} - StoreLayout(out).entries():
         raise ConfigError(
             f"{out} exists and is not a harvest run folder; harvest will neither write into "
@@ -174,19 +181,19 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     """Harvest into cfg.output.path and return the summary (also written to summary.json)."""
     out = Path(cfg.output.path)
     check_output(out)
-    with lock_run(out):  # one harvest per folder: two would both write and clean up
-        prepare_output(out, cfg, overwrite)
-        return _run(cfg, out)
-
-
-def _run(cfg: RunConfig, out: Path) -> dict:
     started = provenance.now()
     if cfg.runtime.compile_cache:  # a resumed or repeated run skips the per-bucket compiles
         import jax
 
-        jax.config.update("jax_compilation_cache_dir", str(Path(cfg.runtime.compile_cache).expanduser()))
+        jax.config.update("jax_compilation_cache_dir", cfg.runtime.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    work = prepare(cfg)
+    work = prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
+    with lock_run(out):  # one harvest per folder: two would both write and clean up
+        prepare_output(out, cfg, overwrite)
+        return _run(cfg, out, work, started)
+
+
+def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     meta = read_run_metadata(out) if StoreLayout(out).run_json.is_file() else {}
     inputs = inputs_fingerprint(work)
     changed = [k for k, v in meta.get("inputs", inputs).items() if inputs.get(k) != v]

@@ -81,34 +81,22 @@ def rope_theta_of(hf: dict[str, Any]) -> float:
 # Small random-initialised presets for the offline demo and tests. They use the real Qwen2
 # tokenizer, so their vocabulary is the real one.
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
+    # name: (hidden, layers, heads, kv heads, mlp); the real Qwen2 vocabulary, tied embeddings
+    name: dict(
         vocab_size=151936,
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
+        hidden_size=d,
+        num_hidden_layers=n,
+        num_attention_heads=h,
+        num_key_value_heads=k,
+        intermediate_size=f,
         tie_word_embeddings=True,
-    ),
-    "small": dict(
-        vocab_size=151936,
-        hidden_size=256,
-        num_hidden_layers=8,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=704,
-        tie_word_embeddings=True,
-    ),
-    # The Qwen2.5-0.5B shape, for benchmarks without real weights.
-    "0.5b": dict(
-        vocab_size=151936,
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        tie_word_embeddings=True,
-    ),
+    )
+    for name, (d, n, h, k, f) in {
+        "tiny": (64, 4, 4, 2, 128),
+        "small": (256, 8, 8, 2, 704),
+        "0.5b": (896, 24, 14, 2, 4864),  # the Qwen2.5-0.5B shape, for benchmarks without real weights
+        "1.5b": (1536, 28, 12, 2, 8960),  # the Qwen2.5-1.5B shape (GPU benchmarks)
+    }.items()
 }
 
 

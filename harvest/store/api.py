@@ -21,18 +21,16 @@ class Store(StoreReader):
 
     def batches(self, hooks, batch_size: int, **options):
         """Shuffled batches: [B, d] for one hook (a str), {hook: [B, d_hook]} on the same rows for a
-        list of hooks. Options: harvest.loader.LoaderConfig (shuffle, seed, epochs, phase, segment,
+        list of hooks. Options: harvest.store.loader.LoaderConfig (shuffle, seed, epochs, phase, segment,
         exclude, process_index, process_count, dtype, normalize, drop_last, buffer_chunks, prefetch...)."""
         return batches(self, hooks, batch_size, **options)
 
     def stats(self, hook: str | None = None, recompute: bool = False, **options):
-        """harvest.stats.HookStats for hook (all hooks as a dict if None), cached in RUN/stats/."""
+        """harvest.store.stats.HookStats for hook (all hooks as a dict if None), cached in RUN/stats/
+        and in memory on this store (StoreReader.memo, shared with batches(normalize=...))."""
         if hook is None:
             return {h: self.stats(h, recompute, **options) for h in self.hooks}
-        key = (hook, tuple(sorted(options.items())))
-        if recompute or key not in self._stats_cache:
-            self._stats_cache[key] = hook_stats(self, hook, recompute=recompute, **options)
-        return self._stats_cache[key]
+        return hook_stats(self, hook, recompute=recompute, **options)
 
 
 def open_store(path: str | os.PathLike) -> Store:

@@ -11,14 +11,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 import numcodecs.blosc
 import numcodecs.zstd
 import numpy as np
 
-if TYPE_CHECKING:
-    from harvest.store.reader import ChunkRef, StoreReader
+from harvest.store.reader import ChunkRef, StoreReader
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written (reads as the fill value 0)
 
@@ -41,7 +39,7 @@ def _direct(store: StoreReader, k: int, hook: str) -> _Direct | None:
     import google_crc32c
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 
-    arr = store._array(k, f"acts/{hook}")
+    arr = store.array(k, f"acts/{hook}")
     m = arr.metadata
     (sc,) = m.codecs if len(m.codecs) == 1 else (None,)
     if (
@@ -95,7 +93,10 @@ class ChunkReader:
 
     def __init__(self, store: StoreReader, hooks: Iterable[str]):
         self.store = store
+        hooks = list(hooks)
         self.plans = {(k, h): _direct(store, k, h) for h in hooks for k in range(len(store.shards))}
+        # the storage dtype of each hook, looked up once: read() runs for every chunk of a stats pass
+        self.dtypes = {h: storage_bits(np.empty(0, store.hook_dtype(h))).dtype for h in hooks}
 
     def read_into(self, hook: str, unit: ChunkRef, out: np.ndarray) -> None:
         """out: [unit.stop - unit.start, d] storage dtype."""
@@ -113,10 +114,11 @@ class ChunkReader:
 
     def dtype(self, hook: str) -> np.dtype:
         """The storage dtype (bfloat16 as uint16 bits)."""
-        return storage_bits(self.store.read_rows(hook, 0, 0, 0)).dtype
+        return self.dtypes[hook]
 
     def read(self, hook: str, unit: ChunkRef) -> np.ndarray:
-        out = np.empty((unit.stop - unit.start, self.store.hook_widths[hook]), self.dtype(hook))
+        """-> [unit.stop - unit.start, d] storage dtype."""
+        out = np.empty((unit.stop - unit.start, self.store.hook_widths[hook]), self.dtypes[hook])
         self.read_into(hook, unit, out)
         return out
 

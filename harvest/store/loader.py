@@ -25,15 +25,14 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from harvest.store.chunks import ChunkReader
 from harvest.store.format import PHASES, SEGMENTS
-
-if TYPE_CHECKING:
-    from harvest.store.reader import ChunkRef, StoreReader
+from harvest.store.reader import ChunkRef, StoreReader
+from harvest.store.stats import hook_stats
 
 __all__ = ["LoaderConfig", "Batches", "batches", "select_rows", "read_units", "epoch_plan"]
 
@@ -92,17 +91,16 @@ def segment_codes(store: StoreReader, names: Iterable[str]) -> list[int]:
 
 def select_rows(store: StoreReader, cfg: LoaderConfig) -> np.ndarray:
     """[N] bool: True for the rows this configuration trains on (before the process split)."""
-    keep = np.ones(store.num_tokens, dtype=bool)
+    keep = np.ones(store.num_tokens, dtype=bool)  # [N]
     if cfg.phase is not None:
-        keep &= store._tokens("phase") == PHASES[cfg.phase]
+        keep &= store.token_column("phase") == PHASES[cfg.phase]
     if cfg.segment is not None:
-        keep &= np.isin(store._tokens("segment"), segment_codes(store, cfg.segment))
+        keep &= np.isin(store.token_column("segment"), segment_codes(store, cfg.segment))
     if "first_token" in cfg.exclude:
-        keep &= ~store._tokens("first_token")
+        keep &= ~store.token_column("first_token")
     if "outliers" in cfg.exclude:
-        for hook in cfg.hooks:
-            st = store.stats(hook)
-            keep &= ~(st.norms() > cfg.outlier_factor * st.group("all").median_norm)
+        for hook in cfg.hooks:  # memoised on the store: shared with store.stats() and normalisation
+            keep &= ~hook_stats(store, hook).outlier_mask(cfg.outlier_factor)
     return keep
 
 
@@ -190,14 +188,14 @@ class _Transform:
     """Storage bits -> the requested dtype, optionally normalised with the store's statistics."""
 
     def __init__(self, store: StoreReader, cfg: LoaderConfig):
-        self.logical = {h: store.read_rows(h, 0, 0, 0).dtype for h in cfg.hooks}
+        self.logical = {h: store.hook_dtype(h) for h in cfg.hooks}
         self.dtype = None if cfg.dtype is None else np.dtype(cfg.dtype)
         self.shift, self.scale = {}, {}
         if cfg.normalize is not None:
             self.dtype = self.dtype or np.dtype(np.float32)
             group = cfg.phase or "all"
             for h in cfg.hooks:
-                g = store.stats(h).group(group)
+                g = hook_stats(store, h).group(group)
                 if cfg.normalize == "center":
                     self.shift[h] = g.mean.astype(np.float32)  # [d]
                     self.scale[h] = np.float32(np.sqrt(len(g.var) / g.var.sum()))
@@ -256,8 +254,7 @@ class Batches:
     def __init__(self, store: StoreReader, cfg: LoaderConfig, single: bool):
         self.store, self.cfg, self.single = store, cfg, single
         for h in cfg.hooks:
-            if h not in store.hook_widths:
-                raise KeyError(f"hook {h!r} not in store; hooks: {', '.join(store.hooks)}")
+            store.check_hook(h)
         self.keep = select_rows(store, cfg)  # [N] bool
         self.units = read_units(store, cfg.hooks)
         starts = np.array([u.offset + u.start for u in self.units], dtype=np.int64)

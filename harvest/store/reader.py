@@ -5,23 +5,28 @@
     s.sequences                  # SequenceTable: dict of numpy columns (+ .to_pandas())
     s.sequence(sequence_id)      # per-token columns + one [T, d] array per hook
     s.activations(hook)[a:b]     # lazy [N, d] view over all committed tokens, logical dtype
-    s.tokens("phase")            # [N] per-token column across all shards
+    s.tokens("phase")            # [N] per-token column across all shards (a copy)
+    s.hook_dtype(hook)           # logical numpy dtype of a hook (bfloat16 included)
     s.batches(hook, 4096)        # shuffled training batches (harvest.store.loader, docs/TRAINING.md)
     s.stats(hook)                # cached per-hook statistics (harvest.store.stats)
 
 Global token order is shard index order, then row order inside each shard. `chunk_index(hook)`
 lists (shard, start, stop) row ranges aligned to the inner Zarr chunks: the unit a shuffled
 loader reads.
+
+The modules built on the reader (chunks, stats, loader) use only its public methods: `array`,
+`token_column`, `hook_dtype`, `check_hook`, `shard_starts`, `read_rows`, `chunk_index` and `memo`.
+This module imports none of them, so imports flow one way (reader -> chunks -> stats -> loader -> api).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
 import os
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
@@ -31,6 +36,8 @@ from harvest.store.runfolder import StoreError, read_commits, read_run_metadata
 from harvest.store.shard import from_storage
 
 __all__ = ["StoreReader", "ActivationView", "SequenceTable", "ChunkRef", "ShardInfo"]
+
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,12 +108,15 @@ class StoreReader:
         self.num_sequences = sum(len(sh.sequence_ids) for sh in self.shards)
         if len(self._shard_of_sequence) != self.num_sequences:
             raise StoreError("a sequence id is committed in more than one shard")
-        self._starts = [sh.offset for sh in self.shards]  # for bisect: global row -> shard
+        # [S] global row of each shard's first row: searchsorted(shard_starts, row, "right") - 1 is its shard
+        self.shard_starts = np.array([sh.offset for sh in self.shards], dtype=np.int64)
+        self.shard_starts.flags.writeable = False
         self._groups: dict[int, zarr.Group] = {}
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._token_cache: dict[str, np.ndarray] = {}
         self._table_cache: list[dict[str, np.ndarray]] | None = None
-        self._stats_cache: dict[tuple, Any] = {}  # (hook, options) -> HookStats
+        self._hook_dtypes: dict[str, np.dtype] = {}
+        self._memo: dict[Hashable, Any] = {}
 
     # ------------------------------------------------------------ summary
 
@@ -135,6 +145,33 @@ class StoreReader:
             f"tokens={self.num_tokens}, hooks={self.hooks}, dtype={self.storage_dtype})"
         )
 
+    def check_hook(self, hook: str) -> None:
+        """KeyError unless `hook` is one of the store's hooks (the one message every reader gives)."""
+        if hook not in self.hook_widths:
+            raise KeyError(f"hook {hook!r} not in store; hooks: {', '.join(self.hooks)}")
+
+    def hook_dtype(self, hook: str) -> np.dtype:
+        """The logical numpy dtype of a hook's activations (ml_dtypes.bfloat16 for bfloat16 stores);
+        read from shard 0's array metadata, no data."""
+        if hook not in self._hook_dtypes:
+            self.check_hook(hook)
+            arr = self.array(0, f"acts/{hook}")
+            self._hook_dtypes[hook] = from_storage(
+                np.empty(0, np.dtype(arr.dtype)), arr.attrs.get("logical_dtype")
+            ).dtype
+        return self._hook_dtypes[hook]
+
+    def memo(self, key: Hashable, compute: Callable[[], T], refresh: bool = False) -> T:
+        """compute(), once per open store and key (refresh=True computes again and replaces it).
+
+        The in-memory cache of the modules built on the reader (harvest.store.stats keys it by
+        ("stats", hook, top_k, outlier_factor)): a store is a snapshot of its committed shards, so a
+        value stays valid while the store is open. Not locked: two threads may both compute; one wins.
+        """
+        if refresh or key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
     # ------------------------------------------------------------ zarr access (cached per shard)
 
     def group(self, k: int) -> zarr.Group:
@@ -143,7 +180,8 @@ class StoreReader:
             self._groups[k] = zarr.open_group(str(self.shards[k].path), mode="r")
         return self._groups[k]
 
-    def _array(self, k: int, name: str) -> zarr.Array:
+    def array(self, k: int, name: str) -> zarr.Array:
+        """The Zarr array `name` (a per-token column, or "acts/<hook>") of the k-th committed shard."""
         if (k, name) not in self._arrays:
             self._arrays[(k, name)] = self.group(k)[name]
         return self._arrays[(k, name)]
@@ -190,19 +228,21 @@ class StoreReader:
 
     def tokens(self, name: str) -> np.ndarray:
         """[N] per-token column (token_id, position, sequence, phase, segment, example, row, col,
-        first_token) across all committed shards."""
-        return self._tokens(name).copy()
+        first_token) across all committed shards: a copy the caller may modify."""
+        return self.token_column(name).copy()
 
-    def _tokens(self, name: str) -> np.ndarray:
+    def token_column(self, name: str) -> np.ndarray:
+        """[N] the same column as tokens(name), read once per open store and shared: read-only."""
         if name not in self._token_cache:
             if not self.shards:
                 raise StoreError("the store has no committed shards")
-            self._token_cache[name] = np.concatenate([self._array(k, name)[...] for k in range(len(self.shards))])
+            col = np.concatenate([self.array(k, name)[...] for k in range(len(self.shards))])
+            col.flags.writeable = False  # every caller gets this one array
+            self._token_cache[name] = col
         return self._token_cache[name]
 
     def activations(self, hook: str, dtype: Any = None) -> ActivationView:
-        if hook not in self.hook_widths:
-            raise KeyError(f"hook {hook!r} not in store; hooks: {', '.join(self.hooks)}")
+        self.check_hook(hook)
         return ActivationView(self, hook, dtype)
 
     def sequence(self, sequence_id: int) -> dict[str, np.ndarray]:
@@ -224,16 +264,17 @@ class StoreReader:
     def chunk_index(self, hook: str | None = None) -> list[ChunkRef]:
         """Row ranges aligned to the inner chunks of `hook` (default: the first hook)."""
         hook = hook or self.hooks[0]
+        self.check_hook(hook)
         out = []
         for k, sh in enumerate(self.shards):
-            rows = self._array(k, f"acts/{hook}").chunks[0]
+            rows = self.array(k, f"acts/{hook}").chunks[0]
             for a in range(0, sh.num_tokens, rows):
                 out.append(ChunkRef(k, a, min(a + rows, sh.num_tokens), sh.offset))
         return out
 
     def read_rows(self, hook: str, k: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of shard k for hook, in logical dtype. [stop-start, d]"""
-        arr = self._array(k, f"acts/{hook}")
+        arr = self.array(k, f"acts/{hook}")
         return from_storage(arr[start:stop], arr.attrs.get("logical_dtype"))
 
 
@@ -255,11 +296,7 @@ class ActivationView:
 
     @property
     def dtype(self) -> np.dtype:
-        if self._cast is not None:
-            return self._cast
-        if not self.store.shards:
-            return np.dtype("float32")
-        return self.store.read_rows(self.hook, 0, 0, 0).dtype
+        return self._cast if self._cast is not None else self.store.hook_dtype(self.hook)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -308,8 +345,7 @@ class ActivationView:
 
     def _read_range(self, start: int, stop: int) -> np.ndarray:
         parts = []
-        starts = self.store._starts
-        k = max(bisect.bisect_right(starts, start) - 1, 0)
+        k = max(int(np.searchsorted(self.store.shard_starts, start, side="right")) - 1, 0)
         while start < stop and k < len(self.store.shards):
             sh = self.store.shards[k]
             a, b = start - sh.offset, min(stop, sh.offset + sh.num_tokens) - sh.offset
@@ -324,10 +360,10 @@ class ActivationView:
     def _read_sorted(self, idx: np.ndarray) -> np.ndarray:
         # idx: sorted global rows; group by shard, read each shard's rows with one orthogonal read
         parts = []
-        shard_of = np.searchsorted(np.asarray(self.store._starts), idx, side="right") - 1
+        shard_of = np.searchsorted(self.store.shard_starts, idx, side="right") - 1  # [n]
         for k in np.unique(shard_of):
             local = idx[shard_of == k] - self.store.shards[k].offset
-            arr = self.store._array(int(k), f"acts/{self.hook}")
+            arr = self.store.array(int(k), f"acts/{self.hook}")
             rows = arr.get_orthogonal_selection((local, slice(None)))
             parts.append(from_storage(rows, arr.attrs.get("logical_dtype")))
         if not parts:

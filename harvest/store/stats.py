@@ -16,6 +16,8 @@ al.'s parallel update, so a store of any size needs O(d) memory (plus 4 bytes pe
 Cache (docs/TRAINING.md): RUN/stats/<hook>.npz (mean/var vectors), RUN/stats/<hook>.norms.npy
 ([N] float32), then RUN/stats/<hook>.json, written last, which makes the cache valid. It records the
 committed shards it was computed from; a store with other shards recomputes. Shards are never touched.
+An open store also keeps each hook's statistics in memory (StoreReader.memo), so Store.stats and
+the loader's normalisation and outlier filter share one computation or load.
 """
 
 from __future__ import annotations
@@ -25,19 +27,16 @@ import dataclasses
 import json
 import logging
 import os
-import secrets
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from harvest.store.chunks import ChunkReader
 from harvest.store.format import PHASES
-from harvest.store.runfolder import write_json_atomic
-
-if TYPE_CHECKING:
-    from harvest.store.reader import StoreReader
+from harvest.store.reader import StoreReader
+from harvest.store.runfolder import tmp_path, write_json_atomic
 
 __all__ = ["Moments", "GroupStats", "HookStats", "compute_stats", "load_stats", "hook_stats"]
 
@@ -133,10 +132,8 @@ class HookStats:
 
 def _read_ahead(store: StoreReader, hook: str, workers: int) -> Iterator[tuple]:
     """Yields (unit, [rows, d] logical dtype) in row order, decoding up to 2 x workers chunks ahead."""
-    from harvest.store.chunks import ChunkReader  # whole chunks straight from the shard files
-
-    reader = ChunkReader(store, [hook])
-    logical = store.read_rows(hook, 0, 0, 0).dtype if store.shards else None
+    reader = ChunkReader(store, [hook])  # whole chunks straight from the shard files
+    logical = store.hook_dtype(hook)
     with ThreadPoolExecutor(workers, thread_name_prefix="harvest-stats") as pool:
         window: collections.deque = collections.deque()
         for u in store.chunk_index(hook):
@@ -152,9 +149,10 @@ def _read_ahead(store: StoreReader, hook: str, workers: int) -> Iterator[tuple]:
 def compute_stats(
     store: StoreReader, hook: str, top_k: int = 20, outlier_factor: float = 10.0, workers: int = 2
 ) -> HookStats:
-    """One pass over the hook's chunks (float64 accumulators); nothing is written."""
+    """One pass over the hook's chunks (float64 accumulators); nothing is written, nothing is memoised."""
+    store.check_hook(hook)
     d, N = store.hook_widths[hook], store.num_tokens
-    phase, first = store._tokens("phase"), store._tokens("first_token")  # [N]
+    phase, first = store.token_column("phase"), store.token_column("first_token")  # [N]
     norms = np.zeros(N, dtype=np.float32)
     acc = {p: Moments.empty(d) for p in PHASES}
     for u, x in _read_ahead(store, hook, workers):
@@ -179,7 +177,7 @@ def compute_stats(
     first_report["median_ratio"] = first_report["median_norm"] / median if median else float("nan")
     body = np.flatnonzero(~first)
     top = body[np.argsort(-norms[body], kind="stable")[:top_k]]
-    cols = {f: store._tokens(f) for f in TOKEN_FIELDS}
+    cols = {f: store.token_column(f) for f in TOKEN_FIELDS}
     outliers = [
         {
             "index": int(i),
@@ -220,7 +218,7 @@ def _summarise(m: Moments, norms: np.ndarray, d: int) -> GroupStats:
 
 
 def _paths(store: StoreReader, hook: str) -> dict[str, Path]:
-    base = store.root / "stats"
+    base = store.layout.stats_dir
     return {"json": base / f"{hook}.json", "npz": base / f"{hook}.npz", "norms": base / f"{hook}.norms.npy"}
 
 
@@ -233,14 +231,15 @@ def save_stats(store: StoreReader, st: HookStats, options: dict | None = None) -
     """Write the cache (vectors first, the JSON last) and return st reading norms from disk."""
     p = _paths(store, st.hook)
     p["json"].parent.mkdir(exist_ok=True)
-    tag = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
     vectors = {f"{k}_{g}": getattr(st.groups[g], k) for g in st.groups for k in ("mean", "var")}
-    with open(p["npz"].with_name(p["npz"].name + tag), "wb") as f:
+    tmp = tmp_path(p["npz"])
+    with open(tmp, "wb") as f:
         np.savez(f, **vectors)
-    os.replace(f.name, p["npz"])
-    with open(p["norms"].with_name(p["norms"].name + tag), "wb") as f:
+    os.replace(tmp, p["npz"])
+    tmp = tmp_path(p["norms"])
+    with open(tmp, "wb") as f:
         np.save(f, st.norms())
-    os.replace(f.name, p["norms"])
+    os.replace(tmp, p["norms"])
     doc = {
         "format": "harvest-stats",
         "version": STATS_VERSION,
@@ -300,16 +299,24 @@ def load_stats(store: StoreReader, hook: str, options: dict | None = None) -> Ho
 
 
 def hook_stats(store: StoreReader, hook: str, recompute: bool = False, **options) -> HookStats:
-    """Cached statistics if valid, else compute them and try to cache them (read-only stores: memory)."""
-    if hook not in store.hook_widths:
-        raise KeyError(f"hook {hook!r} not in store; hooks: {', '.join(store.hooks)}")
-    # The cache is valid only for the options it was computed with (the outlier report depends on them).
+    """The store's statistics of `hook`: memoised on the open store, else the disk cache if valid, else
+    computed and cached on disk (read-only run folders: in memory only). recompute=True ignores both.
+
+    options: compute_stats's top_k, outlier_factor, workers.
+    """
+    store.check_hook(hook)
+    # A cache is valid only for the options it was computed with (the outlier report depends on them);
+    # `workers` changes nothing in the result, so it is not part of either key.
     opts = {"top_k": options.get("top_k", 20), "outlier_factor": float(options.get("outlier_factor", 10.0))}
-    st = None if recompute else load_stats(store, hook, opts)
-    if st is None:
-        st = compute_stats(store, hook, **options)
-        try:
-            st = save_stats(store, st, opts)
-        except OSError as e:
-            log.warning("statistics for %s not cached (%s); keeping them in memory", hook, e)
-    return st
+
+    def load_or_compute() -> HookStats:
+        st = None if recompute else load_stats(store, hook, opts)
+        if st is None:
+            st = compute_stats(store, hook, **options)
+            try:
+                st = save_stats(store, st, opts)
+            except OSError as e:
+                log.warning("statistics for %s not cached (%s); keeping them in memory", hook, e)
+        return st
+
+    return store.memo(("stats", hook, opts["top_k"], opts["outlier_factor"]), load_or_compute, refresh=recompute)

@@ -101,8 +101,9 @@ def test_changed_config_is_refused_and_overwrite_starts_over(real_vocab_model, t
     assert s["sequences"] == 1 and open_store(tmp_path / "run").storage_dtype == "bfloat16"
 
 
-def test_kill_and_resume_equals_uninterrupted(real_vocab_model, tmp_path):
-    """SIGKILL a harvest mid-write, resume it, and compare with a run that was never interrupted."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=["KILL", "TERM", "INT"])
+def test_kill_and_resume_equals_uninterrupted(real_vocab_model, tmp_path, sig):
+    """Kill or interrupt a harvest mid-write, resume it, and compare with a run that was never interrupted."""
     _, folder = real_vocab_model
     # A tiny shard size puts each sequence in its own shard: many commit points to die between.
     raw = config(
@@ -126,8 +127,11 @@ def test_kill_and_resume_equals_uninterrupted(real_vocab_model, tmp_path):
             break
         time.sleep(0.05)
     assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(sig)
+    output = proc.communicate()[0].decode()
+    if sig != signal.SIGKILL:  # a clean stop: complete sequences committed, one line, exit 130
+        assert proc.returncode == 130 and "Traceback" not in output, output[-2000:]
+        assert "interrupted:" in output and "run the same command again to resume" in output
     partial = open_store(tmp_path / "killed").num_sequences
     assert partial >= 1
     assert main([str(cfg_file)]) == 0  # resume
@@ -191,6 +195,29 @@ def test_output_folder_guards(real_vocab_model, tmp_path):
         with pytest.raises(ValueError, match="not a harvest run folder"):
             run_harvest(from_dict(config(folder, tmp_path / "other", data__limit=1)), overwrite=overwrite)
     assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["notes.txt"]
+
+
+def test_overwrite_checks_every_input_before_deleting(real_vocab_model, tmp_path, monkeypatch):
+    _, folder = real_vocab_model
+    run_harvest(from_dict(config(folder, tmp_path / "run", data__limit=1)))
+    before = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*"))
+    bad = [("model__path", str(tmp_path / "typo"), "does not exist"),
+           ("capture__hooks", ["blocks.9.hook_resid_post"], "layer 9 does not exist"),
+           ("data__tasks", ["not-a-task"], "not-a-task")]  # fmt: skip
+    for key, value, message in bad:
+        with pytest.raises(ValueError, match=message):
+            run_harvest(from_dict(config(folder, tmp_path / "run", data__limit=1, **{key: value})), overwrite=True)
+        assert sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "run").rglob("*")) == before
+    # an output path under a file, and ~ expanded (never a literal folder named "~")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="lies under the file"):
+        run_harvest(from_dict(config(folder, tmp_path / "file" / "run", data__limit=1)))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = from_dict(config(folder, "~/runs/x", data__limit=1))
+    assert cfg.output.path == str(tmp_path / "home" / "runs" / "x")
+    run_harvest(cfg)
+    assert open_store(tmp_path / "home" / "runs" / "x").num_sequences == 1 and not (tmp_path / "~").exists()
 
 
 def test_resume_refuses_changed_tasks(real_vocab_model, tmp_path):

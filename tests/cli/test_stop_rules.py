@@ -24,8 +24,13 @@ def harvest(tmp_path, chain, *overrides, eos=151643):
     assert main(args) == 0
     store = open_store(tmp_path / "run")
     table = store.sequences
-    return store, [{k: table[k][i] for k in ("stop_reason", "generated_text", "generated_length", "chat",
-                                              "parsed_ok", "pred_h", "pred_w")} for i in range(len(table))]
+    return store, [
+        {
+            k: table[k][i]
+            for k in ("stop_reason", "generated_text", "generated_length", "chat", "parsed_ok", "pred_h", "pred_w")
+        }
+        for i in range(len(table))
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +61,9 @@ def test_chat_answer_stops_at_im_end(tmp_path):
 
 
 def test_fixed_length_ignores_every_stop_rule(tmp_path):
-    _, rows = harvest(tmp_path, [COLON_NL, ONE, TWO, NL, THREE, FOUR, BLANK, INPUT, COLON_NL],
-                      "generation.fixed_length=true")
+    _, rows = harvest(
+        tmp_path, [COLON_NL, ONE, TWO, NL, THREE, FOUR, BLANK, INPUT, COLON_NL], "generation.fixed_length=true"
+    )
     for r in rows:
         assert (r["stop_reason"], r["generated_length"]) == ("max_new_tokens", MAX_NEW)
         assert r["generated_text"].startswith("12\n34\n\nInput:\n12")

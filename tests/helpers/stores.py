@@ -7,7 +7,6 @@ import numpy as np
 from harvest.store.shard import SequenceRecord, ShardWriter
 
 HA, HB = "blocks.0.hook_resid_post", "blocks.0.mlp.hook_post"
-SEGMENT_NAMES = {"text": 0, "example_input": 1, "example_output": 2, "test_input": 3, "answer": 4}
 PLANTED = (3, 7)  # sequence-local positions of planted outliers in sequence 5 (~100x the median norm)
 
 

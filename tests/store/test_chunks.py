@@ -22,13 +22,23 @@ def test_zarr_fallback_reads_the_same(store, monkeypatch):
 
 
 @pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
-def test_chunk_reader_every_codec(tmp_path, codec):
+def test_chunk_reader_every_codec(tmp_path, codec, monkeypatch):
     s = open_store(
         make_store(tmp_path, shards=2, seqs_per_shard=3, dtype="bfloat16", codec=codec, widths=(8, 32), chunk_bytes=200)
     )
     reader = chunks.ChunkReader(s, s.hooks)
     assert all(p is not None for p in reader.plans.values())
+    assert reader.dtypes == {h: np.uint16 for h in s.hooks}  # bfloat16 moves as its bits
+    monkeypatch.setattr(s, "hook_dtype", None)  # looked up once, in __init__: not per chunk
     for unit in loader.read_units(s, s.hooks):  # HB's chunks nest inside HA's units; last chunks are padded
         for h in s.hooks:
             want = s.read_rows(h, unit.shard, unit.start, unit.stop).view(np.uint16)
             assert np.array_equal(reader.read(h, unit), want)
+
+
+def test_chunk_reader_float32_dtype(store):
+    reader = chunks.ChunkReader(store, [HA])
+    unit = store.chunk_index(HA)[1]
+    x = reader.read(HA, unit)  # [rows, d]
+    assert reader.dtype(HA) == np.float32 and x.dtype == np.float32
+    assert np.array_equal(x, store.activations(HA)[unit.offset + unit.start : unit.offset + unit.stop])

@@ -138,3 +138,54 @@ def test_empty_and_missing_store(tmp_path):
         s.tokens("phase")
     with pytest.raises(FileNotFoundError):
         open_store(tmp_path / "missing")
+
+
+def test_token_column_is_shared_and_read_only(run):
+    s = open_store(run)
+    col = s.token_column("position")  # [N]
+    assert col is s.token_column("position") and not col.flags.writeable
+    assert np.array_equal(col, s.tokens("position")) and np.array_equal(col, _all("position"))
+    with pytest.raises(ValueError):
+        col[0] = 7
+    copy = s.tokens("position")  # tokens() stays a private copy the caller may change
+    copy[0] = 7
+    assert copy.flags.writeable and s.token_column("position")[0] == 0
+
+
+def test_hook_dtype_and_check_hook(run, tmp_path):
+    s = open_store(run)
+    assert s.hook_dtype(H0) == BF16 and s.hook_dtype(H1) == BF16
+    assert s.hook_dtype(H0) == s.read_rows(H0, 0, 0, 0).dtype == s.activations(H0).dtype
+    sw = ShardWriter(tmp_path, HOOKS, storage_dtype="float32", fsync=False)
+    sw.write(0, [sw.prepare_record(fake_record(0))])
+    f32 = open_store(tmp_path)
+    assert f32.hook_dtype(H0) == np.float32 and f32.read_rows(H0, 0, 0, 2).dtype == np.float32
+    s.check_hook(H1)  # a known hook passes
+    want = f"hook 'blocks.9.x' not in store; hooks: {H0}, {H1}"
+    for call in (s.check_hook, s.hook_dtype, s.activations, s.chunk_index):
+        with pytest.raises(KeyError) as e:
+            call("blocks.9.x")
+        assert e.value.args[0] == want, call
+
+
+def test_shard_starts_and_array(run):
+    s = open_store(run)
+    # sequences of 5, 7, 9 | 8, 10 | 12 tokens
+    assert list(s.shard_starts) == [sh.offset for sh in s.shards] == [0, 21, 39]
+    assert not s.shard_starts.flags.writeable
+    a = s.array(1, f"acts/{H0}")
+    assert a is s.array(1, f"acts/{H0}") and a.shape == (s.shards[1].num_tokens, HOOKS[H0])
+    assert np.array_equal(s.array(2, "position")[...], s.sequence(5)["position"])
+
+
+def test_memo_computes_once_per_store(run):
+    s, calls = open_store(run), []
+
+    def compute():
+        calls.append(1)
+        return len(calls)
+
+    assert s.memo(("test", 1), compute) == 1 and s.memo(("test", 1), compute) == 1
+    assert s.memo(("test", 2), compute) == 2  # another key
+    assert s.memo(("test", 1), compute, refresh=True) == 3 and s.memo(("test", 1), compute) == 3
+    assert open_store(run).memo(("test", 1), compute) == 4  # one memo per open store

@@ -1,11 +1,13 @@
 """Streaming statistics (harvest.store.stats via Store.stats) against numpy on the full array; the cache."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from harvest.data import open_store
+from harvest.store import stats
 from harvest.store.format import PHASES, TOKEN_COLUMNS
 from harvest.store.shard import SequenceRecord, ShardWriter
 from harvest.store.stats import GROUPS, QUANTILES, Moments, compute_stats
@@ -119,3 +121,20 @@ def test_cache_respects_options(tmp_path):
     fresh = open_store(s.root)  # another process: only the disk cache
     b = fresh.stats(HA, top_k=5, outlier_factor=2.0)
     assert len(b.outliers) == 5 and b.over_factor["factor"] == 2.0
+
+
+def test_memo_is_shared_by_batches_and_stats(tmp_path, monkeypatch):
+    s = open_store(make_store(tmp_path))
+    computed = []
+    real = stats.compute_stats
+    monkeypatch.setattr(stats, "compute_stats", lambda *a, **kw: computed.append(a[1]) or real(*a, **kw))
+    s.batches(HA, 16, normalize="scale")  # the transform reads the statistics when the loader is built
+    s.batches(HA, 16, normalize="center", exclude=["first_token", "outliers"])
+    assert computed == [HA]
+    shutil.rmtree(s.root / "stats")  # from now on only the memo has them
+    st = s.stats(HA)
+    assert st is s.stats(HA, top_k=20, outlier_factor=10) and computed == [HA] and not (s.root / "stats").exists()
+    assert s.stats(HA, top_k=3) is not st and computed == [HA, HA]  # other options, another entry
+    assert s.stats(HA, recompute=True) is not st and computed == [HA, HA, HA]
+    assert s.stats(HA) is s.stats(HA)  # recompute replaced the entry
+    assert open_store(s.root).stats(HA).norms_path is not None and computed == [HA, HA, HA]  # a new store: disk
