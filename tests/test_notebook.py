@@ -1,6 +1,5 @@
 """notebooks/inspect_activations.ipynb executes end to end against a small real harvest store."""
 
-import time
 from pathlib import Path
 
 import pytest
@@ -44,11 +43,9 @@ def test_notebook_executes(tmp_path, monkeypatch):
     )
     monkeypatch.setenv("HARVEST_STORE", str(out))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    t0 = time.perf_counter()
     nbclient.NotebookClient(
         nb, timeout=60, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
     ).execute()
-    assert time.perf_counter() - t0 < 60
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]

@@ -185,7 +185,8 @@ def _from_hf(path: str, split: str):
             else datasets.load_dataset(str(path))
         )
     if isinstance(ds, datasets.DatasetDict):
-        names = [split, SPLITS.get(split, split), "validation" if split == "evaluation" else split]
+        short = SPLITS.get(split, split)  # "train" | "eval"
+        names = [split, *(n for n, v in SPLITS.items() if v == short), *(["validation"] if short == "eval" else [])]
         name = next((n for n in names if n in ds), None)
         if name is None and len(ds) == 1:
             name = next(iter(ds))

@@ -3,7 +3,7 @@
 `ShardWriter.write(i, records)` builds `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsyncs it, renames
 it to `shards/{i:06d}.zarr`, then writes `commits/{i:06d}.json` via tmp file + rename: the commit
 point. A crash at any moment leaves either a committed shard or leftovers that
-`harvest.runfolder.scan_run` deletes. docs/FORMAT.md is the public contract.
+`harvest.store.runfolder.scan_run` deletes. docs/FORMAT.md is the public contract.
 """
 
 from __future__ import annotations

@@ -99,6 +99,15 @@ def test_hf_source(tmp_path):
     assert [t.id for t in tasks] == ["t2"]
 
 
+@pytest.mark.parametrize("split", ["training", "train", "evaluation", "eval"])
+def test_hf_split_names_and_aliases(tmp_path, split):
+    datasets = pytest.importorskip("datasets")
+    one = lambda i: datasets.Dataset.from_list([{"id": i, **GOOD}])  # noqa: E731
+    datasets.DatasetDict({"training": one("tr"), "validation": one("va")}).save_to_disk(str(tmp_path / "ds"))
+    tasks, _ = load_tasks("hf", split, path=tmp_path / "ds")
+    assert [t.id for t in tasks] == (["tr"] if split.startswith("train") else ["va"])
+
+
 def test_selection(tmp_path):
     for i in range(10):
         _write(tmp_path, f"t{i}", GOOD)
