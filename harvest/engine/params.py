@@ -1,4 +1,6 @@
-"""The one description of Qwen2 weights: it drives random init, checkpoint loading and sharding.
+"""The one description of Qwen2 weights: every tensor's Hugging Face name, GGUF name, shape, logical axes
+and init. It drives random init, safetensors loading and GGUF loading; the logical axes are declared for
+sharding rules, which nothing applies yet.
 
 Params are a plain pytree:
     {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (untied only),
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,55 +24,74 @@ from harvest.engine.config import ModelConfig
 @dataclasses.dataclass(frozen=True)
 class ParamSpec:
     hf_name: str  # Hugging Face tensor name; "{i}" is the layer index
+    gguf_name: str  # llama.cpp GGUF tensor name (convert_hf_to_gguf.py's qwen2 mapping); "{i}" as above
     shape: Callable[[ModelConfig], tuple[int, ...]]
-    axes: tuple[str | None, ...]  # logical axis names, mapped to a mesh by sharding rules
+    axes: tuple[str | None, ...]  # logical axis names, for sharding rules to map onto a mesh
     init: str = "normal"  # "normal" | "ones" | "bias"
 
 
+def _layer(hf: str, gguf: str, shape, axes, init: str = "normal") -> ParamSpec:
+    return ParamSpec(f"model.layers.{{i}}.{hf}", f"blk.{{i}}.{gguf}", shape, axes, init)
+
+
+# GGUF stores [out, in] weights with ne = [in, out], i.e. the same row-major layout as Hugging Face,
+# so one shape serves both formats.
 LAYER_SPECS: dict[str, ParamSpec] = {
-    "attn_norm": ParamSpec("model.layers.{i}.input_layernorm.weight", lambda c: (c.d_model,), (None,), "ones"),
-    "q_w": ParamSpec(
-        "model.layers.{i}.self_attn.q_proj.weight", lambda c: (c.n_heads * c.head_dim, c.d_model), ("heads", None)
+    "attn_norm": _layer("input_layernorm.weight", "attn_norm.weight", lambda c: (c.d_model,), (None,), "ones"),
+    "q_w": _layer(
+        "self_attn.q_proj.weight", "attn_q.weight", lambda c: (c.n_heads * c.head_dim, c.d_model), ("heads", None)
     ),
-    "q_b": ParamSpec("model.layers.{i}.self_attn.q_proj.bias", lambda c: (c.n_heads * c.head_dim,), ("heads",), "bias"),
-    "k_w": ParamSpec(
-        "model.layers.{i}.self_attn.k_proj.weight", lambda c: (c.n_kv_heads * c.head_dim, c.d_model), ("kv_heads", None)
+    "q_b": _layer("self_attn.q_proj.bias", "attn_q.bias", lambda c: (c.n_heads * c.head_dim,), ("heads",), "bias"),
+    "k_w": _layer(
+        "self_attn.k_proj.weight", "attn_k.weight", lambda c: (c.n_kv_heads * c.head_dim, c.d_model), ("kv_heads", None)
     ),
-    "k_b": ParamSpec(
-        "model.layers.{i}.self_attn.k_proj.bias", lambda c: (c.n_kv_heads * c.head_dim,), ("kv_heads",), "bias"
+    "k_b": _layer(
+        "self_attn.k_proj.bias", "attn_k.bias", lambda c: (c.n_kv_heads * c.head_dim,), ("kv_heads",), "bias"
     ),
-    "v_w": ParamSpec(
-        "model.layers.{i}.self_attn.v_proj.weight", lambda c: (c.n_kv_heads * c.head_dim, c.d_model), ("kv_heads", None)
+    "v_w": _layer(
+        "self_attn.v_proj.weight", "attn_v.weight", lambda c: (c.n_kv_heads * c.head_dim, c.d_model), ("kv_heads", None)
     ),
-    "v_b": ParamSpec(
-        "model.layers.{i}.self_attn.v_proj.bias", lambda c: (c.n_kv_heads * c.head_dim,), ("kv_heads",), "bias"
+    "v_b": _layer(
+        "self_attn.v_proj.bias", "attn_v.bias", lambda c: (c.n_kv_heads * c.head_dim,), ("kv_heads",), "bias"
     ),
     # o_proj has no bias in Qwen2.
-    "o_w": ParamSpec(
-        "model.layers.{i}.self_attn.o_proj.weight", lambda c: (c.d_model, c.n_heads * c.head_dim), (None, "heads")
+    "o_w": _layer(
+        "self_attn.o_proj.weight", "attn_output.weight", lambda c: (c.d_model, c.n_heads * c.head_dim), (None, "heads")
     ),
-    "mlp_norm": ParamSpec("model.layers.{i}.post_attention_layernorm.weight", lambda c: (c.d_model,), (None,), "ones"),
-    "gate_w": ParamSpec("model.layers.{i}.mlp.gate_proj.weight", lambda c: (c.d_mlp, c.d_model), ("mlp", None)),
-    "up_w": ParamSpec("model.layers.{i}.mlp.up_proj.weight", lambda c: (c.d_mlp, c.d_model), ("mlp", None)),
-    "down_w": ParamSpec("model.layers.{i}.mlp.down_proj.weight", lambda c: (c.d_model, c.d_mlp), (None, "mlp")),
+    "mlp_norm": _layer("post_attention_layernorm.weight", "ffn_norm.weight", lambda c: (c.d_model,), (None,), "ones"),
+    "gate_w": _layer("mlp.gate_proj.weight", "ffn_gate.weight", lambda c: (c.d_mlp, c.d_model), ("mlp", None)),
+    "up_w": _layer("mlp.up_proj.weight", "ffn_up.weight", lambda c: (c.d_mlp, c.d_model), ("mlp", None)),
+    "down_w": _layer("mlp.down_proj.weight", "ffn_down.weight", lambda c: (c.d_model, c.d_mlp), (None, "mlp")),
 }
 
 GLOBAL_SPECS: dict[str, ParamSpec] = {
-    "embed": ParamSpec("model.embed_tokens.weight", lambda c: (c.vocab_size, c.d_model), ("vocab", None)),
-    "final_norm": ParamSpec("model.norm.weight", lambda c: (c.d_model,), (None,), "ones"),
-    "lm_head": ParamSpec("lm_head.weight", lambda c: (c.vocab_size, c.d_model), ("vocab", None)),
+    "embed": ParamSpec(
+        "model.embed_tokens.weight", "token_embd.weight", lambda c: (c.vocab_size, c.d_model), ("vocab", None)
+    ),
+    "final_norm": ParamSpec("model.norm.weight", "output_norm.weight", lambda c: (c.d_model,), (None,), "ones"),
+    "lm_head": ParamSpec("lm_head.weight", "output.weight", lambda c: (c.vocab_size, c.d_model), ("vocab", None)),
 }
 
 
-def iter_specs(cfg: ModelConfig) -> Iterator[tuple[tuple, ParamSpec, str]]:
-    """Yield (pytree path, spec, concrete hf name) for every tensor the config needs."""
+class Leaf(NamedTuple):
+    """One tensor a config needs: where it goes in the params pytree and what each format calls it."""
+
+    path: tuple  # ("embed",) or ("layers", i, "q_w")
+    spec: ParamSpec
+    shape: tuple[int, ...]
+    hf_name: str  # concrete: the layer index filled in
+    gguf_name: str
+
+
+def iter_specs(cfg: ModelConfig) -> Iterator[Leaf]:
+    """Every tensor the config needs, in a fixed order: globals first, then layer by layer."""
     for name, spec in GLOBAL_SPECS.items():
         if name == "lm_head" and cfg.tie_embeddings:
             continue  # tied: the head is the embedding matrix
-        yield (name,), spec, spec.hf_name
+        yield Leaf((name,), spec, spec.shape(cfg), spec.hf_name, spec.gguf_name)
     for i in range(cfg.n_layers):
         for name, spec in LAYER_SPECS.items():
-            yield ("layers", i, name), spec, spec.hf_name.format(i=i)
+            yield Leaf(("layers", i, name), spec, spec.shape(cfg), spec.hf_name.format(i=i), spec.gguf_name.format(i=i))
 
 
 def assemble(cfg: ModelConfig, leaves: dict[tuple, jax.Array]) -> dict:
@@ -87,21 +109,20 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
     """Deterministic random weights. Biases are non-zero so tests exercise them."""
     rng = np.random.default_rng(seed)
     leaves = {}
-    for path, spec, _ in iter_specs(cfg):
-        shape = spec.shape(cfg)
-        if spec.init == "ones":
-            x = 1.0 + 0.1 * rng.standard_normal(shape)
-        elif spec.init == "bias":
-            x = 0.1 * rng.standard_normal(shape)
+    for leaf in iter_specs(cfg):
+        if leaf.spec.init == "ones":
+            x = 1.0 + 0.1 * rng.standard_normal(leaf.shape)
+        elif leaf.spec.init == "bias":
+            x = 0.1 * rng.standard_normal(leaf.shape)
         else:
-            x = 0.02 * rng.standard_normal(shape)
-        leaves[path] = jnp.asarray(x.astype(np.float32), dtype=dtype)
+            x = 0.02 * rng.standard_normal(leaf.shape)
+        leaves[leaf.path] = jnp.asarray(x.astype(np.float32), dtype=dtype)
     return assemble(cfg, leaves)
 
 
 def param_axes(cfg: ModelConfig) -> dict:
-    """The same pytree as the params, holding each leaf's logical axes (for sharding rules)."""
-    return assemble(cfg, {path: spec.axes for path, spec, _ in iter_specs(cfg)})
+    """The same pytree as the params, holding each leaf's logical axes (for future sharding rules)."""
+    return assemble(cfg, {leaf.path: leaf.spec.axes for leaf in iter_specs(cfg)})
 
 
 def num_params(params: dict) -> int:

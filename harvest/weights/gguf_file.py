@@ -5,7 +5,8 @@
 
 The file is memory-mapped with the `gguf` package (an optional dependency). Each tensor is
 de-quantized on its own, a block of rows at a time, straight into a buffer of the target dtype,
-so no float32 copy of the whole model (or even of the embedding matrix) ever exists.
+so no float32 copy of the whole model (or even of the embedding matrix) ever exists. Which tensors
+to read, and their shapes, come from the ParamSpec table in harvest.engine.params (gguf_name).
 
 Layout notes, checked against llama.cpp's convert_hf_to_gguf.py and transformers' GGUF loader:
   * GGUF lists dims fastest-first (ne[0] is the contiguous axis), so a tensor stored with
@@ -33,23 +34,6 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_GGUF_ARCHITECTURES = ("qwen2",)
 
-# harvest params leaf -> GGUF tensor name ({i} is the layer index).
-GLOBAL_TENSORS = {"embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight"}
-LAYER_TENSORS = {
-    "attn_norm": "blk.{i}.attn_norm.weight",
-    "q_w": "blk.{i}.attn_q.weight",
-    "q_b": "blk.{i}.attn_q.bias",
-    "k_w": "blk.{i}.attn_k.weight",
-    "k_b": "blk.{i}.attn_k.bias",
-    "v_w": "blk.{i}.attn_v.weight",
-    "v_b": "blk.{i}.attn_v.bias",
-    "o_w": "blk.{i}.attn_output.weight",
-    "mlp_norm": "blk.{i}.ffn_norm.weight",
-    "gate_w": "blk.{i}.ffn_gate.weight",
-    "up_w": "blk.{i}.ffn_up.weight",
-    "down_w": "blk.{i}.ffn_down.weight",
-}
-
 # De-quantize at most this many elements at once (64 MiB of float32 scratch).
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -60,18 +44,6 @@ def _gguf():
     except ImportError as e:
         raise ModelError("reading .gguf files needs the gguf package: pip install gguf") from e
     return gguf
-
-
-def gguf_tensor_name(path: tuple) -> str:
-    """The GGUF tensor name for a params pytree path from harvest.params.iter_specs."""
-    if path[0] == "layers":
-        _, i, leaf = path
-        if leaf not in LAYER_TENSORS:
-            raise ModelError(f"no GGUF tensor is known for layer parameter {leaf!r}")
-        return LAYER_TENSORS[leaf].format(i=i)
-    if path[0] not in GLOBAL_TENSORS:
-        raise ModelError(f"no GGUF tensor is known for parameter {path[0]!r}")
-    return GLOBAL_TENSORS[path[0]]
 
 
 class GGUFFile:
@@ -122,11 +94,12 @@ class GGUFFile:
         """A Hugging Face style config.json dict for a qwen2 GGUF (the keys ModelConfig reads)."""
         self.check_architecture()
         a = self.architecture
-        if "token_embd.weight" not in self.tensors:
-            raise ModelError(f"{self.path.name} has no token_embd.weight tensor")
-        embd_shape = self.shape("token_embd.weight")
+        embd = P.GLOBAL_SPECS["embed"].gguf_name
+        if embd not in self.tensors:
+            raise ModelError(f"{self.path.name} has no {embd} tensor")
+        embd_shape = self.shape(embd)
         if len(embd_shape) != 2:
-            raise ModelError(f"token_embd.weight in {self.path.name} has shape {embd_shape}, expected 2-D")
+            raise ModelError(f"{embd} in {self.path.name} has shape {embd_shape}, expected 2-D")
         n_heads = int(self.require(f"{a}.attention.head_count"))
         d_model = int(self.require(f"{a}.embedding_length"))
         hf: dict[str, Any] = {
@@ -140,7 +113,7 @@ class GGUFFile:
             "num_key_value_heads": int(self.get(f"{a}.attention.head_count_kv", n_heads)),
             "rms_norm_eps": float(self.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
             "max_position_embeddings": int(self.get(f"{a}.context_length", 32768)),
-            "tie_word_embeddings": "output.weight" not in self.tensors,
+            "tie_word_embeddings": P.GLOBAL_SPECS["lm_head"].gguf_name not in self.tensors,
             "use_sliding_window": False,
             "hidden_act": "silu",
         }
@@ -207,10 +180,8 @@ def load_gguf(path: Path, dtype) -> tuple[dict[str, Any], dict[tuple, jax.Array]
     f = GGUFFile(path)
     hf = f.hf_config()
     cfg = ModelConfig.from_hf(hf)
-    leaves = {}
-    for path_, spec, _ in P.iter_specs(cfg):
-        leaves[path_] = f.load(gguf_tensor_name(path_), dtype, spec.shape(cfg))
-    return hf, leaves
+    # Tensor names come from the one ParamSpec table, like the safetensors loader's.
+    return hf, {leaf.path: f.load(leaf.gguf_name, dtype, leaf.shape) for leaf in P.iter_specs(cfg)}
 
 
 def load_gguf_tokenizer(path):

@@ -1,9 +1,9 @@
-"""The one parameter description drives init, loading (see test_checkpoint) and sharding axes."""
+"""The one parameter description drives init, loading (see tests/weights) and declares sharding axes."""
 
 import jax
 
 from harvest.engine.config import ModelConfig, preset_hf_config
-from harvest.engine.params import init_params, iter_specs, num_params, param_axes
+from harvest.engine.params import GLOBAL_SPECS, LAYER_SPECS, init_params, iter_specs, num_params, param_axes
 
 
 def test_axes_tree_matches_params_and_ranks():
@@ -24,3 +24,23 @@ def test_axes_tree_matches_params_and_ranks():
         assert layer["q_w"].shape == (cfg.n_heads * cfg.head_dim, cfg.d_model)
         assert layer["k_b"].shape == (cfg.n_kv_heads * cfg.head_dim,) and "o_b" not in layer
     assert num_params(init_params(ModelConfig.from_hf(preset_hf_config("tiny")))) > 151936 * 64
+
+
+def test_every_spec_names_its_tensor_in_both_formats():
+    """Both loaders take names from this table: each spec has an HF and a GGUF name, per-layer ones
+    carry the layer index, and no two tensors of a model share a name in either format."""
+    for spec in LAYER_SPECS.values():
+        assert spec.hf_name.startswith("model.layers.{i}.") and spec.gguf_name.startswith("blk.{i}.")
+    for spec in GLOBAL_SPECS.values():
+        assert spec.gguf_name and "{i}" not in spec.gguf_name and "{i}" not in spec.hf_name
+    for spec in (*LAYER_SPECS.values(), *GLOBAL_SPECS.values()):
+        assert spec.hf_name.rsplit(".", 1)[1] == spec.gguf_name.rsplit(".", 1)[1]  # weight/bias agree
+    cfg = ModelConfig.from_hf({**preset_hf_config("tiny"), "tie_word_embeddings": False})
+    leaves = list(iter_specs(cfg))
+    assert len({x.hf_name for x in leaves}) == len({x.gguf_name for x in leaves}) == len(leaves)
+    assert ("layers", 1, "q_w") in {x.path for x in leaves}
+    by_path = {x.path: x for x in leaves}
+    assert by_path[("layers", 1, "q_w")].gguf_name == "blk.1.attn_q.weight"
+    assert by_path[("layers", 1, "q_w")].hf_name == "model.layers.1.self_attn.q_proj.weight"
+    assert by_path[("embed",)].gguf_name == "token_embd.weight"
+    assert all(x.shape == x.spec.shape(cfg) for x in leaves)

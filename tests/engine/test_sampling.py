@@ -32,8 +32,10 @@ def expected(temperature: float, top_k: int = 0, top_p: float = 1.0) -> np.ndarr
     return q / q.sum()
 
 
-@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0),
-                                                       (1.0, 3, 1.0), (1.0, 0, 0.7), (0.8, 4, 0.8)])
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p",
+    [(1.0, 0, 1.0), (0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7), (0.8, 4, 0.8)],
+)
 def test_sampled_frequencies_match_the_distribution(temperature, top_k, top_p):
     got = empirical(SamplingConfig(temperature, top_k, top_p))
     want = expected(temperature, top_k, top_p)

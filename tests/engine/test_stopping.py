@@ -11,8 +11,10 @@ def token_bytes(qwen_tokenizer):
     return token_bytes_of(qwen_tokenizer)
 
 
-@pytest.mark.parametrize("text", ["12\n34\n\nInput:\n", "Output: ```\n0 1 2\n```", "héllo wörld 中文 🦩\n\n",
-                                  "  leading spaces\tand tabs\r\n"])
+@pytest.mark.parametrize(
+    "text",
+    ["12\n34\n\nInput:\n", "Output: ```\n0 1 2\n```", "héllo wörld 中文 🦩\n\n", "  leading spaces\tand tabs\r\n"],
+)
 def test_token_bytes_concatenate_to_the_text(qwen_tokenizer, token_bytes, text):
     ids = qwen_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert b"".join(token_bytes[i] for i in ids) == text.encode()

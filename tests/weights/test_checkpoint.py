@@ -157,3 +157,77 @@ def test_hub_id_resolves_from_the_local_cache_offline(hf_tiny, tmp_path, monkeyp
     lm = load_model("someone/tiny-qwen2", "float32")
     check_params(lm, torch_weights(model))
     assert lm.source == "someone/tiny-qwen2" and lm.folder == snap
+
+
+def rewrite_weights(folder, edit) -> None:
+    """Load model.safetensors as numpy, apply edit(tensors) and write it back."""
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def damage(folder, how: str) -> str:
+    """Damage the copied checkpoint in `folder`; returns text the one-line error must contain."""
+    st = folder / "model.safetensors"
+    up, q_b = "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.bias"
+    if how == "missing_tensor":
+        rewrite_weights(folder, lambda t: t.pop(up))
+        return f"checkpoint has no tensor '{up}'"
+    if how == "wrong_shape":
+        rewrite_weights(folder, lambda t: t.__setitem__(up, t[up][:-1]))
+        return f"tensor '{up}' has shape (159, 64), config implies (160, 64)"
+    if how == "int_dtype":
+        rewrite_weights(folder, lambda t: t.__setitem__(q_b, t[q_b].astype(np.int8)))
+        return f"tensor '{q_b}' has unsupported dtype I8"
+    data = st.read_bytes()
+    if how == "truncated":  # an interrupted download
+        st.write_bytes(data[: len(data) // 2])
+    elif how == "cut_in_header":
+        st.write_bytes(data[:100])
+    elif how == "garbled_header":
+        st.write_bytes(data[:8] + b"\xff" * 16 + data[24:])
+    elif how == "not_json":
+        st.write_bytes(data[:8] + b"x" + data[9:])
+    elif how == "empty":
+        st.write_bytes(b"")
+    return f"{st} is not a readable safetensors file"
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["missing_tensor", "wrong_shape", "int_dtype", "truncated", "cut_in_header", "garbled_header", "not_json", "empty"],
+)
+def test_damaged_safetensors_fail_with_one_line_naming_the_culprit(how, hf_tiny, tmp_path):
+    _, folder = hf_tiny
+    shutil.copytree(folder, tmp_path / "m")
+    expected = damage(tmp_path / "m", how)
+    with pytest.raises(ModelError) as e:
+        load_model(str(tmp_path / "m"), "float32")
+    assert expected in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_float_dtype_is_cast_on_load(dtype, hf_tiny, tmp_path):
+    """float16, float64 and bfloat16 tensors load into either dtype, exactly as numpy would cast them
+    (narrowing is done on the host, widening by JAX)."""
+    model, folder = hf_tiny
+    shutil.copytree(folder, tmp_path / "m")
+    stored = {
+        "model.layers.2.mlp.gate_proj.weight": np.float16,
+        "model.norm.weight": np.float64,
+        "model.layers.0.mlp.down_proj.weight": jnp.bfloat16,
+    }
+    rewrite_weights(tmp_path / "m", lambda t: t.update({n: t[n].astype(d) for n, d in stored.items()}))
+    lm = load_model(str(tmp_path / "m"), dtype)
+    ref = torch_weights(model)
+    got = {
+        "model.layers.2.mlp.gate_proj.weight": lm.params["layers"][2]["gate_w"],
+        "model.norm.weight": lm.params["final_norm"],
+        "model.layers.0.mlp.down_proj.weight": lm.params["layers"][0]["down_w"],
+    }
+    for name, x in got.items():
+        assert x.dtype == jnp.dtype(dtype), name
+        want = ref[name].astype(stored[name]).astype(jnp.dtype(dtype))
+        np.testing.assert_array_equal(np.asarray(x), want, err_msg=name)

@@ -3,6 +3,7 @@ equal the torch weights, and prefill logits equal transformers' at float32 1e-4.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -18,8 +19,8 @@ gguf = pytest.importorskip("gguf")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from harvest.engine.config import ModelError  # noqa: E402
-from harvest.engine.params import GLOBAL_SPECS, LAYER_SPECS  # noqa: E402
+from harvest.engine.config import ModelConfig, ModelError  # noqa: E402
+from harvest.engine.params import GLOBAL_SPECS, LAYER_SPECS, iter_specs  # noqa: E402
 from harvest.engine.prefill import prefill  # noqa: E402
 from harvest.weights import gguf_file as gguf_loader  # noqa: E402
 from harvest.weights.checkpoint import load_model  # noqa: E402
@@ -38,7 +39,7 @@ def make_hf_model(seed: int, tie: bool):
 
 
 def hf_to_gguf_name(hf_name: str) -> str:
-    """Inverse of the loader's table, written independently: HF tensor name -> llama.cpp name."""
+    """HF tensor name -> llama.cpp name, written independently of ParamSpec.gguf_name to cross-check it."""
     fixed = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -214,6 +215,29 @@ def test_load_gguf_returns_leaves_keyed_by_param_paths(untied):
     assert len(leaves) == 3 + 2 * len(LAYER_SPECS)
 
 
+def test_gguf_names_come_from_param_specs(untied, monkeypatch):
+    """The loader has no table of its own: it reads exactly the ParamSpec gguf names, in iter_specs order."""
+    for spec in (*GLOBAL_SPECS.values(), *LAYER_SPECS.values()):
+        # The spec agrees with this file's independently written HF -> llama.cpp mapping.
+        assert spec.gguf_name.format(i=7) == hf_to_gguf_name(spec.hf_name.format(i=7))
+    _, path, _ = untied
+    read, load_numpy = [], gguf_loader.GGUFFile.load_numpy
+
+    def recording(self, name, *args, **kwargs):
+        read.append(name)
+        return load_numpy(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(gguf_loader.GGUFFile, "load_numpy", recording)
+    hf, _ = gguf_loader.load_gguf(path, jnp.float32)
+    assert read == [leaf.gguf_name for leaf in iter_specs(ModelConfig.from_hf(hf))]
+    # Renaming a tensor in the spec alone changes what the loader asks the file for.
+    renamed = dataclasses.replace(LAYER_SPECS["q_b"], gguf_name="blk.{i}.attn_q.renamed")
+    monkeypatch.setitem(LAYER_SPECS, "q_b", renamed)
+    with pytest.raises(ModelError) as e:
+        gguf_loader.load_gguf(path, jnp.float32)
+    assert "has no tensor 'blk.0.attn_q.renamed'" in one_line(e)
+
+
 def test_chunked_dequantization(untied, monkeypatch):
     """Large tensors are converted a block of rows at a time; the result must not depend on it."""
     model, path, _ = untied
@@ -373,7 +397,6 @@ def test_runs_without_torch(untied, tmp_path):
 )
 def test_real_q4_k_m_gguf_matches_transformers_dequantization():
     """The fixture folder holds transformers' own de-quantization of the same GGUF, saved as bf16."""
-    from harvest.engine.config import ModelConfig
     from harvest.weights.checkpoint import TensorIndex, read_json
 
     f = gguf_loader.GGUFFile(REAL_GGUF)
@@ -397,10 +420,10 @@ def test_real_q4_k_m_gguf_matches_transformers_dequantization():
         }[q4k.split(".")[2]]
         + ".weight"
     ).format(q4k.split(".")[1])
-    st = TensorIndex([REAL_FOLDER / "model.safetensors"])
     types = {name: f.tensors[name].tensor_type.name for name in checks}
-    for g, h in checks.items():
-        ours = f.load_numpy(g, np.float32)
-        ref = np.asarray(st.load(h, ours.shape, jnp.float32))
-        # The reference is stored as bf16: relative rounding <= 2^-8.
-        np.testing.assert_allclose(ours, ref, rtol=2**-8, atol=1e-6, err_msg=f"{g} ({types.get(g)})")
+    with TensorIndex([REAL_FOLDER / "model.safetensors"]) as st:
+        for g, h in checks.items():
+            ours = f.load_numpy(g, np.float32)
+            ref = np.asarray(st.load(h, ours.shape, jnp.float32))
+            # The reference is stored as bf16: relative rounding <= 2^-8.
+            np.testing.assert_allclose(ours, ref, rtol=2**-8, atol=1e-6, err_msg=f"{g} ({types.get(g)})")
