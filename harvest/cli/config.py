@@ -21,7 +21,7 @@ import yaml
 from harvest import arc
 from harvest.arc.prompts import FORMATS
 from harvest.arc.tasks import SOURCES, SPLITS
-from harvest.engine.generate import DEFAULT_BUCKETS, GenerateConfig
+from harvest.engine.generate import GenerateConfig
 from harvest.engine.hooks import Hook
 from harvest.engine.sampling import SamplingConfig
 from harvest.errors import FieldError, HarvestError
@@ -153,10 +153,10 @@ class CaptureSection:
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeSection:
-    batch_size: int = 8
-    buckets: list[int] | None = None  # prompt length buckets; null uses the defaults
-    attention_chunk: int = 512
-    queue: int = 2  # batches in flight to the writer (bounds host RAM)
+    batch_size: int = 8  # prompts per prefill call
+    decode_slots: int = 32  # sequences decoding at once (continuous batching)
+    prefill_chunk: int = 256  # prompt tokens per prompt per prefill call
+    queue: int = 8  # finished sequences waiting for the writer (bounds host RAM)
     max_capture_gb: float = 8.0  # refuse settings whose capture buffers would exceed this
     compile_cache: str | None = "~/.cache/harvest/jax"  # persistent XLA cache; null disables
     progress: bool = True
@@ -186,24 +186,28 @@ class RunConfig:
 
     def __post_init__(self):
         stops = () if self.generation.stop_strings == "auto" else tuple(self.generation.stop_strings)
-        self.generate_config((), stops)  # checks the generation and runtime keys the engine owns
+        self.generate_config((), stops, 1)  # checks the generation and runtime keys the engine owns
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def generate_config(self, hooks: tuple[Hook, ...], stop_strings: tuple[str, ...]) -> GenerateConfig:
-        """The engine's config: generation keys, runtime batching, and the hooks of each captured phase."""
+    def generate_config(
+        self, hooks: tuple[Hook, ...], stop_strings: tuple[str, ...], longest_prompt: int
+    ) -> GenerateConfig:
+        """The engine's config: generation keys, runtime batching, and the hooks of each captured phase.
+        The cache holds the longest prompt of the run (all of its sequences, so a resume sizes it alike)."""
         g, r, phases = self.generation, self.runtime, set(self.capture.phases)
         with _library_checks("generation"):
             return GenerateConfig(
                 batch_size=r.batch_size,
+                decode_slots=r.decode_slots,
+                prefill_chunk=r.prefill_chunk,
+                max_prompt_len=longest_prompt,
                 max_new_tokens=g.max_new_tokens,
                 sampling=g.to_sampling_config(),
                 fixed_length=g.fixed_length,
                 stop_strings=stop_strings,
                 seed=g.seed,
-                buckets=tuple(r.buckets) if r.buckets is not None else DEFAULT_BUCKETS,
-                attention_chunk=r.attention_chunk,
                 prefill_hooks=hooks if "prefill" in phases else (),
                 decode_hooks=hooks if "decode" in phases else (),
             )
@@ -222,6 +226,10 @@ NON_DATA_KEYS = {
     "output.path",
 }
 RENAMED_KEYS = {"generation.ignore_eos": "generation.fixed_length"}
+REMOVED_KEYS = {
+    "runtime.buckets": "prompts are prefilled in chunks of runtime.prefill_chunk tokens, whatever their length",
+    "runtime.attention_chunk": "prefill attention works in blocks of runtime.prefill_chunk",
+}
 
 # Rules no library config owns: key -> (what a value must satisfy, how the error message says it)
 _CHECKS = {
@@ -304,6 +312,8 @@ def from_dict(raw: dict | None) -> RunConfig:
             full = f"{name}.{key}"
             if full in RENAMED_KEYS:
                 raise ConfigError(f"{full} was renamed {RENAMED_KEYS[full]}; rename the key")
+            if full in REMOVED_KEYS:
+                raise ConfigError(f"{full} was removed ({REMOVED_KEYS[full]}); delete the key")
             if key not in fields:
                 raise ConfigError(f"unknown key {full!r}; {name} has {', '.join(fields)}")
             kwargs[key] = _check_type(full, v, fields[key])

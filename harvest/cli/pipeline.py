@@ -20,7 +20,7 @@ from harvest import arc
 from harvest.cli import provenance
 from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys
 from harvest.cli.records import RecordBuilder, read_answer
-from harvest.engine.generate import GenerateConfig, Generator
+from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
 from harvest.store.api import open_store
@@ -71,22 +71,21 @@ def prepare(cfg: RunConfig) -> Work:
     builder = arc.PromptBuilder(lm.tokenizer, cfg.prompt.to_prompt_config(), instruct=is_instruct(lm))
     g = cfg.generation
     stops = tuple(builder.stop_strings if g.stop_strings == "auto" else g.stop_strings)
-    gcfg = cfg.generate_config(hooks, stops)
-    limit = min(cfg.data.max_prompt_tokens, max(gcfg.buckets))
     prompts, kept, too_long = {}, [], []
     for s in seqs:
         p = builder.build(s)
-        if len(p) > limit:
+        if len(p) > cfg.data.max_prompt_tokens:
             too_long.append((s, len(p)))
         else:
             prompts[s.sequence_id] = p
             kept.append(s)
     if not kept:
         raise ConfigError(
-            f"every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens} "
-            f"(or the largest bucket {max(gcfg.buckets)}); raise data.max_prompt_tokens"
+            f"every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; "
+            "raise data.max_prompt_tokens"
         )
-    check_capture_memory(cfg, gcfg, lm, max(len(p) for p in prompts.values()))
+    gcfg = cfg.generate_config(hooks, stops, max(len(p) for p in prompts.values()))
+    check_capture_memory(cfg, gcfg, lm)
     generator = Generator(
         lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids, token_bytes=token_bytes_of(lm.tokenizer) if stops else None
     )
@@ -95,38 +94,33 @@ def prepare(cfg: RunConfig) -> Work:
     return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator, records)
 
 
-def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel, longest: int) -> None:
-    """Capture buffers are [B, bucket, width] per hook for prefill and [B, T, width] for decode, on
-    the device and again on the host for every batch the writer holds; the KV cache is
-    [B, bucket + T, K, Dh] x 2 per layer. Refuse, rather than swap or die, when the largest batch
-    would exceed runtime.max_capture_gb."""
-    c, b = lm.cfg, gcfg.batch_size
-    bucket = gcfg.bucket_for(longest)
+def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel) -> None:
+    """Refuse, rather than swap or die, settings whose buffers would exceed runtime.max_capture_gb:
+    the KV cache (2 x layers x slots x [K, cache_len, Dh]), the decode capture buffers ([slots, T, width]
+    per hook), the prompt activations of one admission wave (up to `decode_slots` prompts, device and
+    host), and the finished sequences queued for the writer."""
+    c, n = lm.cfg, gcfg.decode_slots
     itemsize = 4 if cfg.model.dtype == "float32" else 2
-    capture = (
-        b
-        * (
-            bucket * sum(h.width(c) for h in gcfg.prefill_hooks)
-            + gcfg.max_new_tokens * sum(h.width(c) for h in gcfg.decode_hooks)
-        )
-        * (cfg.runtime.queue + 2)
-    )
-    kv = 2 * c.n_layers * b * (bucket + gcfg.max_new_tokens) * c.n_kv_heads * c.head_dim
-    gb = (capture + kv) * itemsize / 2**30
+    prompt_w = sum(h.width(c) for h in gcfg.prefill_hooks)
+    answer_w = sum(h.width(c) for h in gcfg.decode_hooks)
+    kv = 2 * c.n_layers * n * gcfg.cache_len * c.n_kv_heads * c.head_dim
+    per_sequence = gcfg.max_prompt_len * prompt_w + gcfg.max_new_tokens * answer_w
+    floats = kv + n * gcfg.max_new_tokens * answer_w + 2 * n * gcfg.max_prompt_len * prompt_w
+    floats += (cfg.runtime.queue + n) * per_sequence
+    gb = floats * itemsize / 2**30
     if gb > cfg.runtime.max_capture_gb:
         raise ConfigError(
-            f"capture buffers and KV cache need about {gb:.1f} GB (batch_size {b}, bucket {bucket}, "
-            f"{gcfg.max_new_tokens} new tokens, {cfg.runtime.queue + 2} batches in flight) > "
-            f"runtime.max_capture_gb={cfg.runtime.max_capture_gb}; lower runtime.batch_size, "
-            f"data.max_prompt_tokens, generation.max_new_tokens or the hooks, or raise the limit"
+            f"KV cache and capture buffers need about {gb:.1f} GB (runtime.decode_slots {n}, prompts up to "
+            f"{gcfg.max_prompt_len} tokens, {gcfg.max_new_tokens} new tokens) > runtime.max_capture_gb="
+            f"{cfg.runtime.max_capture_gb}; lower runtime.decode_slots, data.max_prompt_tokens, "
+            f"generation.max_new_tokens or the hooks, or raise the limit"
         )
 
 
-def batches_of(work: Work, batch_size: int) -> list[list]:
-    """Longest prompts first (each bucket compiles once, memory peaks early), fixed for a config,
-    so a resumed run rebuilds exactly the same batches."""
-    order = sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def admission_order(work: Work) -> list:
+    """Longest prompts first (memory peaks early; the prefill lanes carry similar lengths), fixed for
+    a config, so a resumed run admits the remaining sequences in the same relative order."""
+    return sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
 
 
 def check_output(out: Path) -> None:
@@ -231,11 +225,10 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     if scan.removed:
         log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
 
-    todo = [
-        (b, {s.sequence_id for s in b} - scan.committed_sequence_ids) for b in batches_of(work, cfg.runtime.batch_size)
-    ]
-    todo = [(b, keep) for b, keep in todo if keep]
+    todo = [s for s in admission_order(work) if s.sequence_id not in scan.committed_sequence_ids]
+    by_id = {s.sequence_id: s for s in todo}
     counts = {"prompt_tokens": 0, "generated_tokens": 0}
+    compiles_before = (CompileCounter.count, CompileCounter.seconds)
     t0 = time.perf_counter()
     writer = BackgroundWriter(
         out,
@@ -246,41 +239,33 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
         max_queue=cfg.runtime.queue,
         start_shard=scan.next_shard,
     )
-    bar = _progress(cfg, sum(len(k) for _, k in todo), len(scan.committed_sequence_ids))
+    bar = _progress(cfg, len(todo), len(scan.committed_sequence_ids))
     with writer:
-        for batch, keep in todo:
-            result = work.generator.generate(
-                [list(work.prompts[s.sequence_id].token_ids) for s in batch], [s.sequence_id for s in batch]
-            )
-            writer.put(
-                lambda r=result, b=batch, k=keep: _counted(
-                    work.records.records(r.to_host(), b, work.prompts, k), counts
-                )
-            )
-            st = writer.stats
-            bar.n = st.sequences_written
+        for done in work.generator.stream((s.sequence_id, work.prompts[s.sequence_id].token_ids) for s in todo):
+            seq = by_id[done.sequence_id]
+            writer.put(lambda d=done, s=seq: [work.records.record(d, s, work.prompts[s.sequence_id])])
+            counts["prompt_tokens"] += done.prompt_length
+            counts["generated_tokens"] += len(done.tokens)
             dt = time.perf_counter() - t0
+            bar.update(1)
             bar.set_postfix_str(
                 f"{(counts['prompt_tokens'] + counts['generated_tokens']) / dt:,.0f} tok/s, "
-                f"{st.bytes_written / 2**20:,.1f} MiB"
+                f"{writer.stats.bytes_written / 2**20:,.1f} MiB committed"
             )
+    engine = {
+        **{k: round(v, 3) for k, v in work.generator.timings.items()},
+        "compiles": CompileCounter.count - compiles_before[0],
+        "compile_seconds": round(CompileCounter.seconds - compiles_before[1], 3),
+    }
     stats = writer.stats
     elapsed = time.perf_counter() - t0
-    bar.n = stats.sequences_written
     bar.close()
-    summary = summarize(out, work, cfg, stats, counts, elapsed)
+    summary = summarize(out, work, cfg, stats, counts, elapsed, engine)
     meta["finished"] = provenance.now()
     meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
     write_run_metadata(out, meta)
     StoreLayout(out).summary_json.write_text(json.dumps(summary, indent=2, default=json_default))
     return summary
-
-
-def _counted(records, counts):
-    for r in records:
-        counts["prompt_tokens"] += int(r.meta["prompt_length"])
-        counts["generated_tokens"] += int(r.meta["generated_length"])
-    return records
 
 
 def _progress(cfg: RunConfig, total: int, done_before: int):
@@ -296,7 +281,7 @@ def _progress(cfg: RunConfig, total: int, done_before: int):
     )
 
 
-def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float) -> dict:
+def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float, engine: dict) -> dict:
     """Scores over every committed sequence (this session's and earlier ones) plus this session's speed."""
     store = open_store(out)
     table = store.sequences
@@ -338,6 +323,7 @@ def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapse
             "generated_tokens": counts["generated_tokens"],
             "tokens_per_second": round((counts["prompt_tokens"] + counts["generated_tokens"]) / max(elapsed, 1e-9), 1),
             "written_tokens_per_phase": stats.tokens_per_phase,
+            **engine,
         },
         "skipped_too_long": len(work.too_long),
         "skipped_invalid": len(work.skipped),

@@ -1,7 +1,7 @@
 """One generated row becomes one stored sequence: its table row, per-token labels and activations.
 
     builder = RecordBuilder(tokenizer, "digits", hooks, phases, targets)
-    records = builder.records(batch_output.to_host(), batch, prompts, keep)
+    record = builder.record(finished, sequence_spec, prompt)     # finished: engine.generate.Finished
 
 Prompt tokens carry the cell map the prompt builder made; generated tokens get their cell in the
 parsed answer (`answer_cells`). The answer is parsed, un-augmented and scored here, once, and
@@ -16,7 +16,7 @@ import json
 import numpy as np
 
 from harvest import arc
-from harvest.engine.generate import BatchOutput
+from harvest.engine.generate import Finished
 from harvest.engine.hooks import Hook
 from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS
 from harvest.store.shard import SequenceRecord
@@ -83,18 +83,8 @@ class RecordBuilder:
             "target": target,
         }
 
-    def records(
-        self, host: BatchOutput, batch: list[arc.SequenceSpec], prompts: dict[int, arc.Prompt], keep: set[int]
-    ) -> list[SequenceRecord]:
-        """host: one batch's output on the host; rows follow `batch`; only ids in `keep` are built."""
-        return [
-            self.record(host, row, seq, prompts[seq.sequence_id])
-            for row, seq in enumerate(batch)
-            if seq.sequence_id in keep
-        ]
-
-    def record(self, host: BatchOutput, row: int, seq: arc.SequenceSpec, prompt: arc.Prompt) -> SequenceRecord:
-        n, gen_ids = len(prompt), host.generated(row)
+    def record(self, done: Finished, seq: arc.SequenceSpec, prompt: arc.Prompt) -> SequenceRecord:
+        n, gen_ids = len(prompt), done.tokens
         text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
         score = self.attempt(seq.task_id, seq.test_index, read_answer(text, seq.augmentation, self.fmt))
         meta = dict(
@@ -105,7 +95,7 @@ class RecordBuilder:
             sample_index=seq.sample_index,
             prompt_length=n,
             generated_length=len(gen_ids),
-            stop_reason=STOP_REASONS[int(host.stop_reason[row])],
+            stop_reason=STOP_REASONS[done.stop_reason],
             generated_text=text,
             parsed_ok=score["parsed_ok"],
             pred_h=score["pred_shape"][0],
@@ -113,7 +103,7 @@ class RecordBuilder:
             shape_ok=score["shape_ok"],
             pixel_accuracy=score["pixel_accuracy"],
             correct=score["correct"],
-            logprob=float(host.logprob[row]),
+            logprob=done.logprob,
             chat=prompt.chat,
             has_target=seq.target is not None,
         )
@@ -131,7 +121,7 @@ class RecordBuilder:
                 )
             )
             for h in self.hooks:
-                acts[h.name].append(host.prefill_acts[h.name][row, :n])  # [n, width]
+                acts[h.name].append(done.prefill_acts[h.name])  # [n, width]
         if "decode" in self.phases:
             t = len(gen_ids)
             rows, cells_col = answer_cells(self.tokenizer, gen_ids, self.fmt)
@@ -147,6 +137,6 @@ class RecordBuilder:
                 )
             )
             for h in self.hooks:
-                acts[h.name].append(host.decode_acts[h.name][row, :t])  # [t, width]
+                acts[h.name].append(done.decode_acts[h.name])  # [t, width]
         tokens = {k: np.concatenate([c[k] for c in cols]) for k in cols[0]}
         return SequenceRecord(meta, tokens, {k: np.concatenate(v) for k, v in acts.items()})

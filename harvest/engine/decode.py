@@ -1,15 +1,13 @@
-"""Decode: the whole generation loop in one jitted `lax.while_loop`.
+"""Decode: every live slot of the pool advances one token per step, in jitted segments.
 
-Cache layout (B rows, prompt bucket P, T = max_new_tokens, S_max = P + T):
+Step for a live slot with t tokens generated: sample token g_t from its logits (RNG folded with t),
+run g_t through the model at the slot's own position (= its column in the cache), which gives g_t's
+activations (stored at index t) and the logits for t + 1. So every generated token, the stop token
+included, has activations. Free and finished slots keep computing (static shapes) but every write
+of theirs goes to an out-of-range index and is dropped.
 
-    columns  0 .. len_b-1    | len_b .. P-1      | P .. P+T-1
-             row b's prompt  | padding (masked)  | generated tokens, step t at column P + t
-
-Every row writes step t at the same column P + t (one dynamic_update_slice, not a scatter),
-while its RoPE position is len_b + t. Step t samples token g_t from the current logits, then
-runs g_t through the model: that forward pass gives g_t's activations (captured at index t)
-and the logits for step t + 1. So every generated token, the stop token included, has
-activations. Rows that have stopped keep computing (static shapes) but record nothing.
+A segment is a `while_loop` of at most `max_steps` steps that also exits as soon as `want_free`
+slots are free, so the host can refill them with prefilled prompts.
 """
 
 from __future__ import annotations
@@ -24,7 +22,8 @@ from harvest.engine import model
 from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Hook
 from harvest.engine.sampling import SamplingConfig, sample
-from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_NONE, STOP_STRING
+from harvest.engine.state import SlotState, StopTables
+from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_STRING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,108 +34,83 @@ class DecodeConfig:
     hooks: tuple[Hook, ...] = ()  # captured at every step
 
 
-def _step_valid(lengths, prompt_len: int, cache_len: int, step):
-    """[B, S_max] bool: row b's prompt columns, and generated columns up to this step."""
-    col = jnp.arange(cache_len)[None, :]
-    return (col < lengths[:, None]) | ((col >= prompt_len) & (col <= prompt_len + step))
+def stop_check(dcfg: DecodeConfig, s: SlotState, tables: StopTables, tok):
+    """-> (stopped [N] bool, stop_reason [N], stop_state) after live slots emit `tok`."""
+    live = s.active
+    hit_eos = tables.is_eos[tok] & live
+    if tables.num_strings:
+        n = tables.num_strings
+        stop_state = tables.transitions[jnp.arange(n)[None, :], s.stop_state, tok[:, None]]  # [N, n]
+        hit_string = jnp.any(stop_state == tables.lengths[None, :], axis=-1) & live
+    else:
+        stop_state, hit_string = s.stop_state, jnp.zeros_like(live)
+    if dcfg.fixed_length:
+        hit_eos = hit_string = jnp.zeros_like(live)
+    hit_length = live & (s.num_generated + 1 >= dcfg.max_new_tokens)
+    reason = jnp.where(
+        hit_eos, STOP_EOS, jnp.where(hit_string, STOP_STRING, jnp.where(hit_length, STOP_LENGTH, s.stop_reason))
+    )
+    return hit_eos | hit_string | hit_length, reason, stop_state
 
 
-def decode_one(cfg: ModelConfig, hooks, params, cache, tokens, lengths, prompt_len: int, step):
-    """Run one token per row. tokens [B] -> (cache, logits [B, V], acts {name: [B, width]})."""
-    cache_len = cache[0][0].shape[1]
-    positions = (lengths + step)[:, None]  # [B, 1]
-    valid = _step_valid(lengths, prompt_len, cache_len, step)
-    x = model.embed(params, tokens[:, None])  # [B, 1, D]
+def decode_step(cfg: ModelConfig, dcfg: DecodeConfig, params, s: SlotState, tables: StopTables) -> SlotState:
+    n, t_max = s.tokens.shape
+    live = s.active
+    rows = jnp.arange(n)
+    tok = jnp.where(live, sample(dcfg.sampling, s.logits, s.keys, s.num_generated), 0)  # [N]
+    lp = jnp.take_along_axis(s.logits, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(s.logits, -1)
+    stopped, reason, stop_state = stop_check(dcfg, s, tables, tok)
 
-    def attend(layer, q, k, v):
-        kc, vc = cache[layer]
-        kc = jax.lax.dynamic_update_slice(kc, k, (0, prompt_len + step, 0, 0))
-        vc = jax.lax.dynamic_update_slice(vc, v, (0, prompt_len + step, 0, 0))
+    cache_len = s.cache[0][0].shape[2]
+    col = jnp.where(live, s.length, cache_len)  # [N]; dead slots write out of range (dropped)
+    valid = jnp.arange(cache_len)[None, :] <= s.length[:, None]  # [N, S_max]: the prompt, earlier tokens, tok
+
+    def attend(i, q, k, v):
+        kc, vc = s.cache[i]
+        kc = kc.at[rows, :, col].set(k[:, 0], mode="drop")  # update [N, K, Dh]
+        vc = vc.at[rows, :, col].set(v[:, 0], mode="drop")
         return model.cached_attention(q, kc, vc, valid), (kc, vc)
 
-    x, new_cache, acts = model.decoder(cfg, params, x, positions, attend, hooks)
-    return new_cache, model.logits(cfg, params, x[:, 0]), {n: a[:, 0] for n, a in acts.items()}
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "dcfg", "prompt_len"), donate_argnames=("cache",))
-def decode(
-    cfg: ModelConfig,
-    dcfg: DecodeConfig,
-    params,
-    cache,
-    logits,
-    lengths,
-    active,
-    keys,
-    is_eos,
-    stop_table,
-    stop_lengths,
-    *,
-    prompt_len: int,
-):
-    """Generate up to T tokens per row.
-
-    cache: from prefill, S_max = prompt_len + T; logits [B, V] at each row's last prompt token;
-    lengths [B]; active [B] bool (False for filler rows, which start stopped); keys [B] per-row RNG;
-    is_eos [V] bool; stop_table [N, M+1, V] int16 or None; stop_lengths [N] or None.
-    Returns dict: tokens [B, T] int32, num_generated [B], stop_reason [B] (stopping.STOP_*),
-    logprob [B] (sum of the model's log-probabilities of the generated tokens, before temperature),
-    acts {name: [B, T, width]}.
-    """
-    b = logits.shape[0]
-    t_max = dcfg.max_new_tokens
-    widths = {h.name: h.width(cfg) for h in dcfg.hooks}
-    dtype = params["embed"].dtype
-    n_stop = 0 if stop_table is None else stop_table.shape[0]
-    state = dict(
-        step=jnp.int32(0),
+    x = model.embed(params, tok[:, None])  # [N, 1, D]
+    x, cache, acts = model.unrolled_layers(cfg, params, x, s.length[:, None], attend, dcfg.hooks)
+    at = jnp.where(live, s.num_generated, t_max)  # [N]; dead slots: dropped
+    grow = live.astype(jnp.int32)
+    return SlotState(
         cache=cache,
-        logits=logits,
-        tokens=jnp.zeros((b, t_max), jnp.int32),
-        done=~active,
-        num_generated=jnp.zeros((b,), jnp.int32),
-        stop_reason=jnp.full((b,), STOP_NONE, jnp.int32),
-        stop_state=jnp.zeros((b, n_stop), jnp.int16),
-        logprob=jnp.zeros((b,), jnp.float32),
-        acts={name: jnp.zeros((b, t_max, w), dtype) for name, w in widths.items()},
+        logits=model.logits(cfg, params, x[:, 0]),
+        length=s.length + grow,
+        num_generated=s.num_generated + grow,
+        active=live & ~stopped,
+        keys=s.keys,
+        stop_state=stop_state,
+        stop_reason=reason,
+        logprob=s.logprob + jnp.where(live, lp, 0.0),
+        tokens=s.tokens.at[rows, at].set(tok, mode="drop"),
+        acts={k: a.at[rows, at].set(acts[k][:, 0].astype(a.dtype), mode="drop") for k, a in s.acts.items()},
     )
 
-    def cond(s):
-        return (s["step"] < t_max) & ~jnp.all(s["done"])
 
-    def body(s):
-        t = s["step"]
-        active = ~s["done"]
-        tok = jnp.where(active, sample(dcfg.sampling, s["logits"], keys, t), 0)  # [B]
-        lp = jnp.take_along_axis(s["logits"], tok[:, None], -1)[:, 0] - jax.nn.logsumexp(s["logits"], -1)
-        hit_eos = is_eos[tok] & active
-        if n_stop:
-            stop_state = stop_table[jnp.arange(n_stop)[None, :], s["stop_state"], tok[:, None]]  # [B, N]
-            hit_string = jnp.any(stop_state == stop_lengths[None, :], axis=-1) & active
-        else:
-            stop_state, hit_string = s["stop_state"], jnp.zeros_like(active)
-        if dcfg.fixed_length:
-            hit_eos = hit_string = jnp.zeros_like(active)
-        hit_length = active & (t + 1 >= t_max)
-        reason = jnp.where(
-            hit_eos, STOP_EOS, jnp.where(hit_string, STOP_STRING, jnp.where(hit_length, STOP_LENGTH, s["stop_reason"]))
-        )
-        cache, next_logits, acts = decode_one(cfg, dcfg.hooks, params, s["cache"], tok, lengths, prompt_len, t)
-        return dict(
-            step=t + 1,
-            cache=cache,
-            logits=next_logits,
-            tokens=jax.lax.dynamic_update_slice(s["tokens"], tok[:, None], (0, t)),
-            done=s["done"] | hit_eos | hit_string | hit_length,
-            num_generated=s["num_generated"] + active.astype(jnp.int32),
-            stop_reason=reason,
-            stop_state=stop_state,
-            logprob=s["logprob"] + jnp.where(active, lp, 0.0),
-            acts={
-                n: jax.lax.dynamic_update_slice(s["acts"][n], acts[n][:, None].astype(dtype), (0, t, 0)) for n in widths
-            },
-        )
+@functools.partial(jax.jit, static_argnames=("cfg", "dcfg"), donate_argnames=("state",))
+def decode_segment(
+    cfg: ModelConfig, dcfg: DecodeConfig, params, state: SlotState, tables: StopTables, max_steps, want_free
+) -> tuple[SlotState, jax.Array]:
+    """Advance the pool until max_steps, or want_free slots are free, or no slot is live.
+    -> (state, steps run)."""
 
-    out = jax.lax.while_loop(cond, body, state)
-    # The cache is returned only so XLA can alias it to the donated input (an in-place loop).
-    return {k: out[k] for k in ("tokens", "num_generated", "stop_reason", "logprob", "acts", "cache")}
+    def cond(c):
+        i, s = c
+        free = jnp.sum(~s.active)
+        return (i < max_steps) & (free < want_free) & jnp.any(s.active)
+
+    def body(c):
+        i, s = c
+        return i + 1, decode_step(cfg, dcfg, params, s, tables)
+
+    steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+    return state, steps
+
+
+@jax.jit
+def read_slot(state: SlotState, slot):
+    """One slot's outputs: (tokens [T], {hook name: [T, width]}), copied out of the donated state."""
+    return state.tokens[slot], {k: a[slot] for k, a in state.acts.items()}

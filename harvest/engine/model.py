@@ -4,20 +4,21 @@ Shapes: B batch, S sequence, D d_model, H query heads, K kv heads, G = H // K, D
 F d_mlp, V vocab. Matmuls accumulate in float32 (`preferred_element_type`) whatever the weight
 dtype; norms, RoPE and softmax run in float32.
 
-`decoder` (all layers) is shared by prefill and decode; they differ only in the attention function
-they pass, which also owns each layer's KV cache.
+`block` (one layer) is shared by every phase; they differ only in the attention function they pass.
+Prefill runs the layers as a `lax.scan` (`scan_layers`), decode as straight-line code (`unrolled_layers`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Hook, kinds_by_layer
+from harvest.engine.params import stacked
 
 F32 = jnp.float32
 NEG_INF = -1e30  # finite, so fully masked rows (padding queries) never produce NaN
@@ -53,78 +54,70 @@ def rope(x, positions, theta):
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
-def causal_attention(q, k, v, chunk: int):
-    """Causal self-attention over a right-padded prompt, flash-style for long prompts.
+def chunk_attention(q, k, v, prior_k, prior_v, start, block: int):
+    """A prompt chunk attends to its row's earlier chunks (in the cache) and causally to itself.
 
-    q [B, P, H, Dh], k/v [B, P, K, Dh] -> [B, P, H, Dh]. Padding needs no mask: a real query i
-    only sees keys j <= i, which are real. Scores are materialised per (chunk x chunk) block,
-    and key blocks above the diagonal are skipped, so memory is O(B*H*chunk^2), not O(B*H*P^2).
+    q [R, C, H, Dh], k/v [R, C, K, Dh] (the chunk), prior_k/v [R, K, S, Dh] (the row's cache, or None),
+    start [R] int32: the chunk's first column, a multiple of `block` (== C), so cache block j is
+    wholly before the chunk (j * C < start) or wholly not. Flash-style: the diagonal block first, then
+    a dynamic loop over only the blocks some row needs; fully masked blocks add exactly zero.
+    The G query heads of a KV head are merged into the rows of one matmul ([R, K, G*C, Dh]): on
+    XLA:CPU that is 2.5x faster than a 5-d einsum, whose [R, K, G, C, C] scores get transposed.
     """
-    b, p, h, dh = q.shape
+    r, c, h, dh = q.shape
     kh = k.shape[2]
+    g = h // kh
     scale = dh**-0.5
-    q = q.reshape(b, p, kh, h // kh, dh)  # [B, P, K, G, Dh]
-    if p <= chunk:
-        s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=F32) * scale  # [B, K, G, P, P]
-        mask = jnp.tril(jnp.ones((p, p), bool))
-        s = jnp.where(mask, s, NEG_INF)
-        w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgqs,bskd->bqkgd", w, v, preferred_element_type=F32)
-        return out.reshape(b, p, h, dh).astype(v.dtype)
-    if p % chunk:
-        raise ValueError(f"prompt bucket {p} must be a multiple of the attention chunk {chunk}")
-    n = p // chunk
-    qb = q.reshape(b, n, chunk, kh, h // kh, dh)
-    kb = k.reshape(b, n, chunk, kh, dh)
-    vb = v.reshape(b, n, chunk, kh, dh)
-    tri = jnp.arange(chunk)[:, None] >= jnp.arange(chunk)[None, :]  # [C, C]
+    q = q.reshape(r, c, kh, g, dh).transpose(0, 2, 3, 1, 4).reshape(r, kh, g * c, dh)  # [R, K, G*C, Dh]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [R, K, C, Dh]
 
-    def one_query_block(i):
-        qi = qb[:, i]  # [B, C, K, G, Dh]
+    def scores(keys, ok):  # keys [R, K, C, Dh], ok broadcastable to [R, K, G*C, C]
+        s = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=F32) * scale
+        return jnp.where(ok, s, NEG_INF)
 
-        def one_key_block(j, carry):
-            m, denom, acc = carry
-            s = jnp.einsum("bqkgd,bskd->bkgqs", qi, kb[:, j], preferred_element_type=F32) * scale
-            s = jnp.where((j < i) | tri, s, NEG_INF)  # [B, K, G, C, C]
-            m_new = jnp.maximum(m, s.max(-1))
-            pr = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
-            denom = denom * corr + pr.sum(-1)
-            pv = jnp.einsum("bkgqs,bskd->bkgqd", pr.astype(v.dtype), vb[:, j], preferred_element_type=F32)
-            return m_new, denom, acc * corr[..., None] + pv
+    def values(p, vals):
+        return jnp.einsum("bkqs,bksd->bkqd", p.astype(vals.dtype), vals, preferred_element_type=F32)
 
-        shape = (b, kh, h // kh, chunk)
-        init = (jnp.full(shape, NEG_INF, F32), jnp.zeros(shape, F32), jnp.zeros(shape + (dh,), F32))
-        _, denom, acc = jax.lax.fori_loop(0, i + 1, one_key_block, init)  # causal: j <= i only
-        return (acc / denom[..., None]).astype(v.dtype)  # [B, K, G, C, Dh]
+    s = scores(k, jnp.tile(jnp.tril(jnp.ones((c, c), bool)), (g, 1)))  # [R, K, G*C, C]
+    m = s.max(-1)
+    p = jnp.exp(s - m[..., None])
+    init = (m, p.sum(-1), values(p, v))
 
-    out = jax.lax.map(one_query_block, jnp.arange(n))  # [n, B, K, G, C, Dh]
-    return out.transpose(1, 0, 4, 2, 3, 5).reshape(b, p, h, dh)
+    def one_block(j, carry):
+        m, denom, acc = carry
+        kb = jax.lax.dynamic_slice_in_dim(prior_k, j * block, block, axis=2)
+        vb = jax.lax.dynamic_slice_in_dim(prior_v, j * block, block, axis=2)
+        s = scores(kb, (j * block < start)[:, None, None, None])
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        corr = jnp.exp(m - m_new)
+        return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + values(p, vb)
+
+    m, denom, acc = init if prior_k is None else jax.lax.fori_loop(0, jnp.max(start) // block, one_block, init)
+    out = (acc / denom[..., None]).astype(v.dtype)  # [R, K, G*C, Dh]
+    return out.reshape(r, kh, g, c, dh).transpose(0, 3, 1, 2, 4).reshape(r, c, h, dh)
 
 
 def cached_attention(q, k_cache, v_cache, valid):
     """One query per row against the whole cache.
 
-    q [B, 1, H, Dh], k/v_cache [B, S_max, K, Dh], valid [B, S_max] bool -> [B, 1, H, Dh].
+    q [B, 1, H, Dh], k/v_cache [B, K, S_max, Dh], valid [B, S_max] bool -> [B, 1, H, Dh].
     """
     b, _, h, dh = q.shape
-    kh = k_cache.shape[2]
+    kh = k_cache.shape[1]
     q = q.reshape(b, kh, h // kh, dh)  # [B, K, G, Dh]
-    s = jnp.einsum("bkgd,bskd->bkgs", q, k_cache, preferred_element_type=F32) * dh**-0.5  # [B, K, G, S_max]
+    s = jnp.einsum("bkgd,bksd->bkgs", q, k_cache, preferred_element_type=F32) * dh**-0.5  # [B, K, G, S_max]
     s = jnp.where(valid[:, None, None, :], s, NEG_INF)
     w = jax.nn.softmax(s, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgs,bskd->bkgd", w, v_cache, preferred_element_type=F32)
+    out = jnp.einsum("bkgs,bksd->bkgd", w, v_cache, preferred_element_type=F32)
     return out.reshape(b, 1, h, dh).astype(v_cache.dtype)
 
 
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, object]]
-
-
-def block(cfg: ModelConfig, p: dict, x, positions, attend: AttentionFn, capture: frozenset[str]):
+def block(cfg: ModelConfig, p: dict, x, positions, attend, capture: frozenset[str]):
     """One decoder layer. x [B, S, D], positions [B, S].
 
-    `attend(q, k, v) -> (out [B, S, H, Dh], new_layer_cache)` supplies attention and owns the
-    cache. Returns (x_out, new_layer_cache, {kind: activation}) for the kinds in `capture`.
+    `attend(q, k, v) -> (out [B, S, H, Dh], ys)` supplies attention; ys is whatever the phase keeps
+    per layer (its new keys and values). Returns (x_out, ys, {kind: activation}) for the kinds in `capture`.
     """
     b, s, _ = x.shape
     acts = {"resid_pre": x}
@@ -134,30 +127,57 @@ def block(cfg: ModelConfig, p: dict, x, positions, attend: AttentionFn, capture:
     v = linear(h, p["v_w"], p["v_b"]).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
     q = rope(q, positions, cfg.rope_theta)
     k = rope(k, positions, cfg.rope_theta)
-    attn, layer_cache = attend(q, k, v)
+    attn, ys = attend(q, k, v)
     acts["attn_out"] = linear(attn.reshape(b, s, -1), p["o_w"])  # no o_proj bias
     x = acts["resid_mid"] = x + acts["attn_out"]
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     acts["mlp_post"] = jax.nn.silu(linear(h, p["gate_w"])) * linear(h, p["up_w"])  # [B, S, F]
     acts["mlp_out"] = linear(acts["mlp_post"], p["down_w"])
     x = acts["resid_post"] = x + acts["mlp_out"]
-    return x, layer_cache, {k: a for k, a in acts.items() if k in capture}
+    return x, ys, {k: a for k, a in acts.items() if k in capture}
 
 
-def decoder(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...]):
-    """All layers. `attend(layer, q, k, v) -> (out, new_layer_cache)` is the phase's attention.
+def scan_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...], per_layer=None):
+    """All layers as one `lax.scan` over the stacked weights: XLA compiles one layer body.
 
-    Returns (x [B, S, D] before the final norm, new cache tuple, {hook name: [B, S, width]}).
+    `attend(q, k, v, layer_inputs) -> (out, ys)`; `per_layer` is a pytree with a leading layer axis
+    (e.g. the cache each layer reads), sliced per layer. Hooked activations are written from inside
+    the scan into one [n_hooked + 1, ...] buffer per kind; un-hooked layers write the spare last slot.
+    Returns (x [B, S, D] before the final norm, ys stacked [L, ...], {hook name: [B, S, width]}).
     """
+    n_layers = cfg.n_layers
+    kinds = sorted({h.kind for h in hooks})
+    layers_of = {kind: sorted(h.layer for h in hooks if h.kind == kind) for kind in kinds}
+    slot = {kind: np.full(n_layers, len(ls), np.int32) for kind, ls in layers_of.items()}  # [L]
+    for kind, ls in layers_of.items():
+        slot[kind][ls] = np.arange(len(ls))
+    width = {kind: Hook(0, kind).width(cfg) for kind in kinds}
+    bufs = {kind: jnp.zeros((len(layers_of[kind]) + 1, *x.shape[:-1], width[kind]), x.dtype) for kind in kinds}
+
+    def body(carry, xs):
+        x, bufs = carry
+        lp, inputs, where = xs
+        x, ys, acts = block(cfg, lp, x, positions, lambda q, k, v: attend(q, k, v, inputs), frozenset(kinds))
+        bufs = {kind: jax.lax.dynamic_update_index_in_dim(bufs[kind], acts[kind], where[kind], 0) for kind in kinds}
+        return (x, bufs), ys
+
+    xs = (stacked(params), per_layer, {kind: jnp.asarray(s) for kind, s in slot.items()})
+    (x, bufs), ys = jax.lax.scan(body, (x, bufs), xs)
+    acts = {h.name: bufs[h.kind][int(slot[h.kind][h.layer])] for h in hooks}
+    return x, ys, acts
+
+
+def unrolled_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...]):
+    """All layers as straight-line code, for decode: a scanned layer copies its weights out of the stack
+    every step (XLA:CPU does not alias the slice), +50% per decode step at 0.5B.
+    `attend(layer, q, k, v) -> (out, ys)`. Returns (x, (ys per layer, ...), {hook name: [B, S, width]})."""
     wanted = kinds_by_layer(hooks)
-    cache, acts = [], {}
-    for layer, lp in enumerate(params["layers"]):
-        x, layer_cache, layer_acts = block(
-            cfg, lp, x, positions, functools.partial(attend, layer), wanted.get(layer, frozenset())
-        )
-        cache.append(layer_cache)
-        acts |= {Hook(layer, kind).name: a for kind, a in layer_acts.items()}
-    return x, tuple(cache), acts
+    ys_all, acts = [], {}
+    for i, lp in enumerate(params["layers"]):
+        x, ys, layer_acts = block(cfg, lp, x, positions, functools.partial(attend, i), wanted.get(i, frozenset()))
+        ys_all.append(ys)
+        acts |= {Hook(i, kind).name: a for kind, a in layer_acts.items()}
+    return x, tuple(ys_all), acts
 
 
 def embed(params, tokens):

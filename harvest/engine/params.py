@@ -6,6 +6,8 @@ Params are a plain pytree:
     {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (untied only),
      "layers": ({"attn_norm": [D], "q_w": [H*Dh, D], ...}, ...)}          # one dict per layer
 Linear weights keep the Hugging Face [out, in] layout, so loading never transposes or copies.
+Layers stay separate buffers: decode runs them unrolled, and XLA:CPU re-slices a stacked [L, ...]
+array inside the decode loop (+30% per step at 0.5B); prefill stacks them inside its jit (`stacked`).
 """
 
 from __future__ import annotations
@@ -103,6 +105,12 @@ def assemble(cfg: ModelConfig, leaves: dict[tuple, jax.Array]) -> dict:
         else:
             params[path[0]] = value
     return params
+
+
+def stacked(params: dict) -> dict:
+    """{name: [L, ...]}: the layer tensors stacked for a `lax.scan` over layers."""
+    layers = params["layers"]
+    return {name: jnp.stack([lp[name] for lp in layers]) for name in layers[0]}
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:

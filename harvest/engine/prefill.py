@@ -1,12 +1,18 @@
-"""Prefill: run right-padded prompts through the model once and fill a fixed-size KV cache.
+"""Chunked prefill: prompts enter their decode slots C tokens at a time.
 
-Rows are right-padded to a shared bucket length P, so every row's positions are 0..P-1 and
-padding only ever sits *after* a row's real tokens: causal masking alone keeps it out of every
-real token's view. Padding keys land in cache columns [len_b, P), which decode masks out.
+One compiled program serves every prompt length: a call takes R lanes of one chunk each, attends
+to the chunk (causally) and to the lane's slot cache written by its earlier chunks, and writes the
+chunk's keys and values into that cache. Padding costs under one chunk per prompt, and memory is
+bounded by R x C whatever the prompt length. When a lane carries a prompt's final chunk, its slot
+is armed for decoding: the logits at the last real token, the length, a fresh RNG key and stop state.
+
+`forward` is the plain full-sequence pass (one chunk from position 0, no cache), the reference that
+cached decode is tested against and the entry point for scoring whole sequences.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,42 +21,65 @@ import jax.numpy as jnp
 from harvest.engine import model
 from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Hook
-
-Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [B, S_max, K, Dh]
-
-
-def attention_chunk(p: int, max_chunk: int) -> int:
-    """The block size for a bucket: the whole prompt if short, else the largest power-of-two
-    divisor of P that is <= max_chunk (GenerateConfig keeps long buckets multiples of 128)."""
-    if p <= max_chunk:
-        return p
-    c = max_chunk
-    while p % c:
-        c //= 2
-    return c
+from harvest.engine.state import PrefillChunk, SlotState
+from harvest.engine.stopping import STOP_NONE
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hooks", "cache_len", "max_chunk"))
-def prefill(
-    cfg: ModelConfig, params, tokens, lengths, *, hooks: tuple[Hook, ...], cache_len: int, max_chunk: int = 512
-):
-    """tokens [B, P] int32 (right-padded), lengths [B] int32 (>= 1).
+@functools.partial(jax.jit, static_argnames=("cfg", "hooks"), donate_argnames=("state",))
+def prefill_chunk(cfg: ModelConfig, hooks: tuple[Hook, ...], params, state: SlotState, chunk: PrefillChunk):
+    """-> (state with the chunk in its slots' caches, {hook name: [R, C, width]} activations)."""
+    r, c = chunk.tokens.shape
+    rows = jnp.minimum(chunk.slot, state.num_slots - 1)  # idle lanes read some slot; their writes drop
+    positions = chunk.start[:, None] + jnp.arange(c, dtype=jnp.int32)  # [R, C]
+    x = model.embed(params, chunk.tokens)  # [R, C, D]
+    prior = (
+        jnp.stack([k[rows] for k, _ in state.cache]),  # [L, R, K, S_max, Dh]
+        jnp.stack([v[rows] for _, v in state.cache]),
+    )
 
-    Returns (cache, last_logits [B, V] float32, acts {hook name: [B, P, width]}).
-    Logits are computed only at each row's last real token: full prefill logits would cost
-    B*P*V floats (about 20 GB for 64 x 512 tokens).
-    """
-    b, p = tokens.shape
-    chunk = attention_chunk(p, max_chunk)
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))  # [B, P]
-    x = model.embed(params, tokens)  # [B, P, D]
-    empty = jnp.zeros((b, cache_len, cfg.n_kv_heads, cfg.head_dim), x.dtype)  # [B, S_max, K, Dh]
+    def attend(q, k, v, layer_prior):
+        pk, pv = layer_prior
+        return model.chunk_attention(q, k, v, pk, pv, chunk.start, c), (k, v)
 
-    def attend(layer, q, k, v):
-        kc = jax.lax.dynamic_update_slice(empty, k, (0, 0, 0, 0))
-        vc = jax.lax.dynamic_update_slice(empty, v, (0, 0, 0, 0))
-        return model.causal_attention(q, k, v, chunk), (kc, vc)
+    x, (new_k, new_v), acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior)  # new: [L,R,C,K,Dh]
+    cols = positions  # [R, C]
+    slots = chunk.slot[:, None]  # [R, 1]
+    cache = tuple(
+        (
+            k.at[slots, :, cols].set(new_k[i], mode="drop"),  # update [R, C, K, Dh]
+            v.at[slots, :, cols].set(new_v[i], mode="drop"),
+        )
+        for i, (k, v) in enumerate(state.cache)
+    )
+    last_x = jnp.take_along_axis(x, jnp.maximum(chunk.n_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
+    armed = jnp.where(chunk.last, chunk.slot, state.num_slots)  # lanes that finish their prompt now
+    n_stop = state.stop_state.shape[1]
+    state = dataclasses.replace(
+        state,
+        cache=cache,
+        logits=state.logits.at[armed].set(model.logits(cfg, params, last_x), mode="drop"),
+        length=state.length.at[armed].set(chunk.start + chunk.n_valid, mode="drop"),
+        num_generated=state.num_generated.at[armed].set(0, mode="drop"),
+        active=state.active.at[armed].set(True, mode="drop"),
+        keys=state.keys.at[armed].set(chunk.keys, mode="drop"),
+        stop_state=state.stop_state.at[armed].set(jnp.zeros((r, n_stop), jnp.int16), mode="drop"),
+        stop_reason=state.stop_reason.at[armed].set(STOP_NONE, mode="drop"),
+        logprob=state.logprob.at[armed].set(0.0, mode="drop"),
+    )
+    return state, acts
 
-    x, cache, acts = model.decoder(cfg, params, x, positions, attend, hooks)
-    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, D]
-    return cache, model.logits(cfg, params, last), acts
+
+@functools.partial(jax.jit, static_argnames=("cfg", "hooks"))
+def forward(cfg: ModelConfig, params, tokens, *, hooks: tuple[Hook, ...] = ()):
+    """tokens [B, S] -> (x [B, S, D] before the final norm, {hook name: [B, S, width]}).
+
+    Causal masking alone keeps right padding out of every real token's view. `model.logits(cfg,
+    params, x)` gives the logits (B x S x V floats: mind the size)."""
+    b, s = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+
+    def attend(q, k, v, _):
+        return model.chunk_attention(q, k, v, None, None, None, s), None
+
+    x, _, acts = model.scan_layers(cfg, params, model.embed(params, tokens), positions, attend, hooks)
+    return x, acts

@@ -40,7 +40,7 @@ def row_keys(seed: int, sequence_ids) -> jax.Array:
 
 
 def sample(cfg: SamplingConfig, logits, keys, step):
-    """logits [B, V] float32, keys [B], step scalar -> tokens [B] int32.
+    """logits [B, V] float32, keys [B], step (scalar or [B]: each row's token index) -> tokens [B] int32.
 
     Order as in transformers: temperature, then top-k, then top-p (on the k survivors only, so
     we sort k candidates rather than the vocabulary).
@@ -48,7 +48,7 @@ def sample(cfg: SamplingConfig, logits, keys, step):
     if cfg.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / cfg.temperature
-    step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, step)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, jnp.broadcast_to(step, keys.shape))
     if not cfg.top_k and cfg.top_p == 1.0:  # plain temperature sampling: no ranking needed
         return jax.vmap(jax.random.categorical)(step_keys, logits).astype(jnp.int32)
     if cfg.top_k:

@@ -1,16 +1,18 @@
-"""Cached, batched, jitted generation equals a full forward pass and transformers' generate."""
+"""Continuous batching equals a full forward pass, each prompt alone, and transformers' generate."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from harvest.engine import decode as decode_mod
-from harvest.engine import prefill as prefill_mod
-from harvest.engine.generate import GenerateConfig, Generator
+from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import parse_hooks
 from harvest.engine.model import logits as lm_logits
+from harvest.engine.prefill import forward
 from harvest.engine.sampling import SamplingConfig
 from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_STRING
+from harvest.errors import FieldError
 from helpers.models import random_ids
 
 torch = pytest.importorskip("torch")
@@ -19,79 +21,87 @@ ATOL = 1e-4
 
 
 def gen(lm, eos_ids=(), **kw):
-    base = dict(batch_size=4, max_new_tokens=40, buckets=(64, 128, 256, 384, 512, 768))
+    base = dict(batch_size=2, decode_slots=3, prefill_chunk=64, max_prompt_len=600, max_new_tokens=40)
     return Generator(lm.cfg, lm.params, GenerateConfig(**{**base, **kw}), eos_ids=eos_ids)
 
 
-def last_hook(lm):
+def hooks_of(lm):
     return parse_hooks([f"blocks.{lm.cfg.n_layers - 1}.hook_resid_post", "blocks.0.mlp.hook_post"], lm.cfg)
 
 
 def test_cached_decode_equals_full_forward(loaded_tiny):
     lm = loaded_tiny
-    hooks = last_hook(lm)
-    g = gen(lm, fixed_length=True, prefill_hooks=hooks, decode_hooks=hooks, batch_size=2)
-    prompts = [list(random_ids(520, 3)), list(random_ids(77, 4))]
-    out = g.generate(prompts, [0, 1]).to_host()
-    for row, prompt in enumerate(prompts):
-        gen_ids = out.generated(row)
-        assert len(gen_ids) == 40
-        full = np.array(prompt + list(gen_ids), np.int32)[None]
-        n = full.shape[1]
-        _, _, acts = prefill_mod.prefill(
-            lm.cfg,
-            lm.params,
-            jnp.asarray(full),
-            jnp.asarray([n], jnp.int32),
-            hooks=hooks,
-            cache_len=n,
-            max_chunk=128 if n % 128 == 0 else 1024,
-        )
+    hooks = hooks_of(lm)
+    prompts = [list(random_ids(520, 3)), list(random_ids(77, 4)), list(random_ids(5, 9))]
+    outs = gen(lm, fixed_length=True, prefill_hooks=hooks, decode_hooks=hooks).generate(prompts, [0, 1, 2])
+    for prompt, done in zip(prompts, outs):
+        assert len(done.tokens) == 40 and done.stop_reason == STOP_LENGTH
+        full = np.array(prompt + list(done.tokens), np.int32)[None]
+        x, acts = forward(lm.cfg, lm.params, jnp.asarray(full), hooks=hooks)
+        n = len(prompt)
         for h in hooks:
-            ref = np.asarray(acts[h.name])[0, len(prompt) :]
-            np.testing.assert_allclose(out.decode_acts[h.name][row], ref, atol=ATOL, rtol=0, err_msg=h.name)
-            np.testing.assert_allclose(
-                out.prefill_acts[h.name][row, : len(prompt)],
-                np.asarray(acts[h.name])[0, : len(prompt)],
-                atol=ATOL,
-                rtol=0,
-            )
+            ref = np.asarray(acts[h.name])[0]
+            np.testing.assert_allclose(done.prefill_acts[h.name], ref[:n], atol=ATOL, rtol=0, err_msg=h.name)
+            np.testing.assert_allclose(done.decode_acts[h.name], ref[n:], atol=ATOL, rtol=0, err_msg=h.name)
         # Each greedy token is the argmax of the full forward pass at the position before it.
-        resid = acts[hooks[-1].name] if hooks[-1].kind == "resid_post" else acts[hooks[0].name]
-        full_logits = np.asarray(lm_logits(lm.cfg, lm.params, resid[0]))
-        np.testing.assert_array_equal(full_logits[len(prompt) - 1 : n - 1].argmax(-1), gen_ids)
+        full_logits = np.asarray(lm_logits(lm.cfg, lm.params, x[0]))
+        np.testing.assert_array_equal(full_logits[n - 1 : -1].argmax(-1), done.tokens)
 
 
-def test_padded_batch_equals_single_rows(loaded_tiny):
+def test_pool_size_and_admission_order_never_change_a_sequence(loaded_tiny):
+    """Rows stop at different steps (a frequent token is EOS), so slots are refilled mid-stream; every
+    sequence still equals the same prompt run alone, whatever the pool, lanes and order."""
     lm = loaded_tiny
-    hooks = last_hook(lm)
-    prompts = [list(random_ids(n, 10 + n)) for n in (37, 300, 129)]
-    batched = gen(lm, prefill_hooks=hooks, decode_hooks=hooks, fixed_length=True).generate(prompts, [0, 1, 2]).to_host()
-    single = gen(lm, prefill_hooks=hooks, decode_hooks=hooks, fixed_length=True, batch_size=1)
-    for row, prompt in enumerate(prompts):
-        alone = single.generate([prompt], [row]).to_host()
-        np.testing.assert_array_equal(batched.generated(row), alone.generated(0))
-        for h in hooks:
-            np.testing.assert_allclose(
-                batched.prefill_acts[h.name][row, : len(prompt)],
-                alone.prefill_acts[h.name][0, : len(prompt)],
-                atol=ATOL,
-                rtol=0,
-            )
-            np.testing.assert_allclose(
-                batched.decode_acts[h.name][row], alone.decode_acts[h.name][0], atol=ATOL, rtol=0
-            )
+    hooks = hooks_of(lm)
+    lengths = (37, 300, 129, 5, 200, 64, 65)
+    prompts = [list(random_ids(n, 10 + n)) for n in lengths]
+    ids = list(range(len(prompts)))
+    free = gen(lm, fixed_length=True).generate(prompts, ids)
+    eos = int(np.bincount(np.concatenate([d.tokens for d in free])).argmax())
+    kw = dict(eos_ids=(eos,), prefill_hooks=hooks, decode_hooks=hooks)
+    alone = gen(lm, batch_size=1, decode_slots=1, **kw)
+    ref = {i: alone.generate([p], [i])[0] for i, p in zip(ids, prompts)}
+    assert len({len(d.tokens) for d in ref.values()}) > 2, "the test needs rows that stop at different steps"
+    for pool in (gen(lm, **kw), gen(lm, batch_size=3, decode_slots=4, prefill_chunk=32, **kw)):
+        for order in (ids, ids[::-1]):
+            got = pool.generate([prompts[i] for i in order], order)
+            for done in got:
+                want = ref[done.sequence_id]
+                np.testing.assert_array_equal(done.tokens, want.tokens)
+                assert (done.stop_reason, done.prompt_length) == (want.stop_reason, want.prompt_length)
+                assert abs(done.logprob - want.logprob) < 1e-4
+                for h in hooks:
+                    np.testing.assert_allclose(done.prefill_acts[h.name], want.prefill_acts[h.name], atol=1e-5, rtol=0)
+                    np.testing.assert_allclose(done.decode_acts[h.name], want.decode_acts[h.name], atol=1e-5, rtol=0)
+
+
+def test_reused_slot_never_sees_the_previous_occupant(loaded_tiny):
+    """Fill every cache column of the only slot with huge keys and values: a new prompt in that slot
+    must give exactly what it gives in a fresh pool, so nothing stale is ever attended to."""
+    lm = loaded_tiny
+    hooks = hooks_of(lm)
+    prompt = list(random_ids(90, 77))
+    fresh = gen(lm, batch_size=1, decode_slots=1, prefill_hooks=hooks, decode_hooks=hooks).generate([prompt], [0])[0]
+    g = gen(lm, batch_size=1, decode_slots=1, prefill_hooks=hooks, decode_hooks=hooks)
+    g.generate([list(random_ids(600, 78))], [1])  # a long previous occupant
+    poisoned = tuple((jnp.full_like(k, 1e4), jnp.full_like(v, -1e4)) for k, v in g._state.cache)
+    g._state = dataclasses.replace(g._state, cache=poisoned)
+    again = g.generate([prompt], [0])[0]
+    np.testing.assert_array_equal(again.tokens, fresh.tokens)
+    for h in hooks:
+        np.testing.assert_array_equal(again.prefill_acts[h.name], fresh.prefill_acts[h.name])
+        np.testing.assert_array_equal(again.decode_acts[h.name], fresh.decode_acts[h.name])
 
 
 def test_greedy_equals_transformers_generate_with_per_row_eos(hf_tiny, loaded_tiny):
     model, _ = hf_tiny
     lm = loaded_tiny
     prompts = [list(random_ids(n, 20 + n)) for n in (50, 120, 33)]
-    free = gen(lm, fixed_length=True).generate(prompts, [0, 1, 2]).to_host()
-    eos = int(free.generated(0)[12])  # row 0 stops at (or before) step 12; others may run to the end
-    out = gen(lm, eos_ids=(eos,)).generate(prompts, [0, 1, 2]).to_host()
+    free = gen(lm, fixed_length=True).generate(prompts, [0, 1, 2])
+    eos = int(free[0].tokens[12])  # row 0 stops at (or before) step 12; others may run to the end
+    out = gen(lm, eos_ids=(eos,)).generate(prompts, [0, 1, 2])
     stopped = 0
-    for row, prompt in enumerate(prompts):
+    for prompt, done in zip(prompts, out):
         with torch.no_grad():
             res = model.generate(
                 torch.tensor([prompt]),
@@ -106,25 +116,23 @@ def test_greedy_equals_transformers_generate_with_per_row_eos(hf_tiny, loaded_ti
         ref = res.sequences[0, len(prompt) :].tolist()
         if eos in ref:
             ref = ref[: ref.index(eos) + 1]
-        ours = out.generated(row).tolist()
-        assert ours == ref, f"row {row}"
+        ours = done.tokens.tolist()
+        assert ours == ref, f"sequence {done.sequence_id}"
         ref_lp = sum(torch.log_softmax(res.logits[t][0], -1)[tok].item() for t, tok in enumerate(ref))
-        assert abs(float(out.logprob[row]) - ref_lp) < 1e-3
-        assert len(ours) >= 13 or ours[-1] == eos
+        assert abs(done.logprob - ref_lp) < 1e-3
         if ours[-1] == eos:
             stopped += 1
-            assert out.stop_reason[row] == STOP_EOS
+            assert done.stop_reason == STOP_EOS
         else:
-            assert len(ours) == 40 and out.stop_reason[row] == STOP_LENGTH
-    assert stopped >= 1 and len(out.generated(0)) <= 13
+            assert len(ours) == 40 and done.stop_reason == STOP_LENGTH
+    assert stopped >= 1 and len(out[0].tokens) <= 13
 
 
 def test_stop_string_across_tokens(loaded_tiny):
     lm = loaded_tiny
     token_bytes = tuple(f"{i}|".encode() for i in range(lm.cfg.vocab_size))
     prompts = [list(random_ids(40, 5)), list(random_ids(90, 6))]
-    free = gen(lm, fixed_length=True, batch_size=2).generate(prompts, [0, 1]).to_host()
-    g = free.generated(0)
+    g = gen(lm, fixed_length=True).generate(prompts, [0, 1])[0].tokens
     pattern = f"|{g[7]}|"  # spans the end of token 6 and all of token 7
     text = b""
     for t, tok in enumerate(g):
@@ -132,51 +140,52 @@ def test_stop_string_across_tokens(loaded_tiny):
         if pattern.encode() in text:
             expect = t + 1
             break
-    cfg = GenerateConfig(batch_size=2, max_new_tokens=40, stop_strings=(pattern,), buckets=(64, 128))
-    out = Generator(lm.cfg, lm.params, cfg, token_bytes=token_bytes).generate(prompts, [0, 1]).to_host()
-    assert len(out.generated(0)) == expect <= 8
-    assert out.stop_reason[0] == STOP_STRING
-    np.testing.assert_array_equal(out.generated(0), g[:expect])
+    cfg = GenerateConfig(batch_size=2, decode_slots=3, prefill_chunk=64, max_prompt_len=600, stop_strings=(pattern,))
+    out = Generator(lm.cfg, lm.params, cfg, token_bytes=token_bytes).generate(prompts, [0, 1])[0]
+    assert len(out.tokens) == expect <= 8
+    assert out.stop_reason == STOP_STRING
+    np.testing.assert_array_equal(out.tokens, g[:expect])
 
 
-def test_sampling_is_seeded_per_row(loaded_tiny):
+def test_sampling_is_seeded_per_sequence(loaded_tiny):
     lm = loaded_tiny
     prompts = [list(random_ids(30, 7)), list(random_ids(60, 8))]
     s = SamplingConfig(temperature=1.0, top_k=50, top_p=0.9)
-    a = gen(lm, sampling=s, seed=1, fixed_length=True).generate(prompts, [0, 1]).to_host()
-    b = gen(lm, sampling=s, seed=1, fixed_length=True).generate(prompts, [0, 1]).to_host()
-    c = gen(lm, sampling=s, seed=2, fixed_length=True).generate(prompts, [0, 1]).to_host()
-    np.testing.assert_array_equal(a.tokens, b.tokens)
-    assert not np.array_equal(a.tokens, c.tokens)
-    # A sequence samples the same tokens whatever batch slot it lands in.
-    swapped = gen(lm, sampling=s, seed=1, fixed_length=True).generate(prompts[::-1], [1, 0]).to_host()
-    np.testing.assert_array_equal(swapped.generated(1), a.generated(0))
-    greedy = gen(lm, fixed_length=True).generate(prompts, [0, 1]).to_host()
+
+    def tokens(outs):
+        return [d.tokens.tolist() for d in outs]
+
+    a = tokens(gen(lm, sampling=s, seed=1, fixed_length=True).generate(prompts, [0, 1]))
+    assert a == tokens(gen(lm, sampling=s, seed=1, fixed_length=True).generate(prompts, [0, 1]))
+    assert a != tokens(gen(lm, sampling=s, seed=2, fixed_length=True).generate(prompts, [0, 1]))
+    # A sequence samples the same tokens whatever slot it lands in.
+    swapped = gen(lm, sampling=s, seed=1, fixed_length=True).generate(prompts[::-1], [1, 0])
+    assert tokens(swapped)[::-1] == a
+    greedy = tokens(gen(lm, fixed_length=True).generate(prompts, [0, 1]))
     for special in (SamplingConfig(temperature=0.7, top_k=1), SamplingConfig(temperature=1e-6)):
-        got = gen(lm, sampling=special, seed=3, fixed_length=True).generate(prompts, [0, 1]).to_host()
-        np.testing.assert_array_equal(got.tokens, greedy.tokens)
+        assert tokens(gen(lm, sampling=special, seed=3, fixed_length=True).generate(prompts, [0, 1])) == greedy
 
 
-def test_no_recompile_within_a_bucket(loaded_tiny):
+def test_one_compile_serves_every_prompt_length(loaded_tiny):
     lm = loaded_tiny
-    hooks = last_hook(lm)
+    hooks = hooks_of(lm)
     g = gen(lm, prefill_hooks=hooks, decode_hooks=hooks, max_new_tokens=8)
-    g.generate([list(random_ids(100, 1)), list(random_ids(120, 2))], [0, 1]).to_host()
-    sizes = (prefill_mod.prefill._cache_size(), decode_mod.decode._cache_size())
-    g.generate([list(random_ids(101, 3))], [2]).to_host()  # fewer rows, same bucket
-    g.generate([list(random_ids(n, n)) for n in (65, 70, 128, 99)], [3, 4, 5, 6]).to_host()
-    assert (prefill_mod.prefill._cache_size(), decode_mod.decode._cache_size()) == sizes
-    g.generate([list(random_ids(300, 4))], [7]).to_host()  # a new bucket compiles once
-    assert prefill_mod.prefill._cache_size() == sizes[0] + 1
+    g.generate([list(random_ids(100, 1)), list(random_ids(120, 2))], [0, 1])
+    before = CompileCounter.count
+    g.generate([list(random_ids(101, 3))], [2])
+    g.generate([list(random_ids(n, n)) for n in (1, 65, 70, 128, 99, 300, 599, 600, 2)], list(range(3, 12)))
+    assert CompileCounter.count == before
 
 
-def test_rejects_bad_batches(loaded_tiny):
-    g = gen(loaded_tiny, batch_size=2)
-    with pytest.raises(ValueError, match="exceeds the largest bucket"):
-        g.generate([[1] * 800], [0])
-    with pytest.raises(ValueError, match="prompts for a batch of 2"):
-        g.generate([[1], [2], [3]], [0, 1, 2])
-    with pytest.raises(ValueError, match="empty prompt"):
-        g.generate([[]], [0])
-    with pytest.raises(ValueError, match="multiples of 128"):
-        GenerateConfig(buckets=(64, 1000), attention_chunk=512)
+def test_rejects_bad_prompts_and_configs(loaded_tiny):
+    g = gen(loaded_tiny)
+    with pytest.raises(ValueError, match="sequence 0: prompt of 601 tokens exceeds max_prompt_len=600"):
+        g.generate([[1] * 601], [0])
+    with pytest.raises(ValueError, match="sequence 3: empty prompt"):
+        g.generate([[]], [3])
+    with pytest.raises(ValueError, match="unique"):
+        g.generate([[1], [2]], [4, 4])
+    with pytest.raises(FieldError, match="power of two"):
+        GenerateConfig(prefill_chunk=100)
+    with pytest.raises(FieldError, match="below batch_size"):
+        GenerateConfig(batch_size=8, decode_slots=4)
