@@ -19,7 +19,8 @@ import transformers
 from harvest import arc
 from harvest.engine.generate import GenerateConfig, Generator
 from harvest.engine.hooks import parse_hooks
-from harvest.engine.prefill import prefill
+from harvest.engine.model import logits as lm_logits
+from harvest.engine.prefill import forward
 from harvest.weights.checkpoint import load_model
 
 DEFAULT = os.path.expanduser("~/.cache/harvest-fixtures/qwen2.5-coder-0.5b-instruct")
@@ -43,19 +44,12 @@ def main():
     with torch.no_grad():
         out = ref(torch.tensor(ids[None], dtype=torch.long), output_hidden_states=True)
     hooks = parse_hooks("blocks.*.hook_resid_post", lm.cfg)
-    bucket = -(-n // 128) * 128
-    tokens = np.zeros((1, bucket), np.int32)
-    tokens[0, :n] = ids
-    _, logits, acts = prefill(
-        lm.cfg,
-        lm.params,
-        jnp.asarray(tokens),
-        jnp.asarray([n], jnp.int32),
-        hooks=hooks,
-        cache_len=bucket,
-        max_chunk=256,
-    )
-    d_logits = np.abs(np.asarray(logits)[0] - out.logits[0, -1].numpy()).max()
+    x, _ = forward(lm.cfg, lm.params, jnp.asarray(ids[None]))
+    logits = lm_logits(lm.cfg, lm.params, x[0, -1])
+    # The activations come from the chunked prefill the pipeline runs (chunks of 256 reading the cache).
+    gcfg = GenerateConfig(1, 1, 256, max_prompt_len=n, max_new_tokens=1, prefill_hooks=hooks)
+    acts = {k: a[None] for k, a in Generator(lm.cfg, lm.params, gcfg).generate([ids], [0])[0].prefill_acts.items()}
+    d_logits = np.abs(np.asarray(logits) - out.logits[0, -1].numpy()).max()
     d_hidden, rel = [], []
     for h in hooks[:-1]:
         r = out.hidden_states[h.layer + 1][0].numpy()
@@ -75,9 +69,10 @@ def main():
     print(
         f"logits within 1e-4: {'PASS' if d_logits < 1e-4 else 'FAIL'}; worst absolute residual diff {max(d_hidden):.2e}"
     )
-    g = Generator(lm.cfg, lm.params, GenerateConfig(batch_size=1, max_new_tokens=args.new), eos_ids=lm.eos_ids)
+    gcfg = GenerateConfig(batch_size=1, decode_slots=1, max_prompt_len=n, max_new_tokens=args.new)
+    g = Generator(lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids)
     t0 = time.perf_counter()
-    ours = g.generate([list(ids)], [0]).to_host().generated(0).tolist()
+    ours = g.generate([list(ids)], [0])[0].tokens.tolist()
     t1 = time.perf_counter()
     with torch.no_grad():
         theirs = ref.generate(

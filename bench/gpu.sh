@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU baseline for harvest's engine and pipeline; finishes inside --budget seconds (default 420).
 #
-#   bench/gpu.sh                 # H200: random 0.5b/1.5b shapes, bf16; prefill, decode, whole pipeline
+#   bench/gpu.sh                 # H200: random 0.5b/1.5b shapes, bf16; prefill (lanes x chunk sweep),
+#                                # decode (decode_slots sweep), whole pipeline, compiles
 #   JAX_PLATFORMS=cpu bench/gpu.sh --quick   # smoke test on a CPU: tiny preset, tiny batches
 #
 # Needs harvest importable (repo root on PYTHONPATH, or installed) and its dependencies. Writes
@@ -41,11 +42,12 @@ body() {
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
   "$PY" -c 'import sys, jax, numpy, zarr; print(f"python {sys.version.split()[0]}, jax {jax.__version__} ({jax.default_backend()}: {jax.devices()[0].device_kind}), numpy {numpy.__version__}, zarr {zarr.__version__}")'
   if [ -n "$QUICK" ]; then
-    MODELS=(tiny small); PIPE_MODEL=random:tiny; LIMIT=2; NEW=8; BATCH=2
+    MODELS=(tiny small); PIPE_MODEL=random:tiny; LIMIT=2; NEW=8; BATCH=2; SLOTS=4; CHUNK=256
     HOOKS="[blocks.1.hook_resid_post,blocks.2.hook_resid_post,blocks.3.hook_resid_post]"; EXTRA=(--set data.max_prompt_tokens=2048)
   else
-    MODELS=(0.5b 1.5b); PIPE_MODEL=random:0.5b; LIMIT=32; NEW=256; BATCH=16
-    HOOKS="[blocks.6.hook_resid_post,blocks.12.hook_resid_post,blocks.18.hook_resid_post]"; EXTRA=()
+    MODELS=(0.5b 1.5b); PIPE_MODEL=random:0.5b; LIMIT=32; NEW=256; BATCH=16; SLOTS=64; CHUNK=512
+    HOOKS="[blocks.6.hook_resid_post,blocks.12.hook_resid_post,blocks.18.hook_resid_post]"
+    EXTRA=(--set runtime.max_capture_gb=32)  # 64 slots of up-to-4096-token prompts pass 8 GB; an H200 has 141
   fi
 
   echo
@@ -57,7 +59,7 @@ body() {
   echo "  (process $(since "$t") s)"
 
   echo
-  echo "== pipeline: python -m harvest.run configs/demo.yaml (model $PIPE_MODEL bf16, $LIMIT tasks, $NEW new tokens fixed, batch $BATCH)"
+  echo "== pipeline: python -m harvest.run configs/demo.yaml (model $PIPE_MODEL bf16, $LIMIT tasks, $NEW new tokens fixed, prefill $BATCH lanes x $CHUNK, $SLOTS decode slots)"
   T=$(( $(left) - 40 )); [ $T -gt 300 ] && T=300
   if [ $T -lt 30 ]; then
     echo "  skipped: $(left) s left"
@@ -66,6 +68,7 @@ body() {
     timeout --signal=TERM --kill-after=15 "$T" "$PY" bench/gpu_harvest.py pipeline --results "$RES" -- configs/demo.yaml \
       --set model.path=$PIPE_MODEL --set model.dtype=bfloat16 --set data.limit=$LIMIT \
       --set generation.max_new_tokens=$NEW --set generation.fixed_length=true --set runtime.batch_size=$BATCH \
+      --set runtime.decode_slots=$SLOTS --set runtime.prefill_chunk=$CHUNK \
       --set "capture.hooks=$HOOKS" --set output.path="$RUN" --set runtime.compile_cache=null \
       --set runtime.progress=false "${EXTRA[@]}"
     rc=$?

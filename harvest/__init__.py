@@ -10,7 +10,7 @@ The public API (imported lazily, so `from harvest.data import open_store` never 
     hooks = parse_hooks(["blocks.12.hook_resid_post"], lm.cfg)
     gen = Generator(lm.cfg, lm.params, GenerateConfig(max_new_tokens=64, prefill_hooks=hooks,
                                                       decode_hooks=hooks), eos_ids=lm.eos_ids)
-    out = gen.generate([ids_a, ids_b], sequence_ids=[0, 1]).to_host()   # tokens, activations, stop reasons
+    a, b = gen.generate([ids_a, ids_b], sequence_ids=[0, 1])   # Finished: tokens, activations, stop reason
 
     s = open_store("outputs/demo")                                        # what `harvest run configs/demo.yaml` wrote
     for x in s.batches("blocks.0.hook_resid_post", 4096): ...

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from harvest.engine.hooks import parse_hooks
 from harvest.engine.generate import GenerateConfig, Generator
+from harvest.engine.hooks import parse_hooks
 from harvest.engine.model import logits as lm_logits
 from harvest.engine.prefill import forward
 from helpers.models import hf_forward, random_ids

@@ -20,8 +20,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from harvest.engine.config import ModelConfig, ModelError  # noqa: E402
+from harvest.engine.model import logits as lm_logits  # noqa: E402
 from harvest.engine.params import GLOBAL_SPECS, LAYER_SPECS, iter_specs  # noqa: E402
-from harvest.engine.prefill import prefill  # noqa: E402
+from harvest.engine.prefill import forward  # noqa: E402
 from harvest.weights import gguf_file as gguf_loader  # noqa: E402
 from harvest.weights.checkpoint import load_model  # noqa: E402
 from helpers import models  # noqa: E402
@@ -129,14 +130,9 @@ def untied(tmp_path_factory):
 
 
 def logits_at_cuts(lm, ids: np.ndarray, cuts: list[int]) -> np.ndarray:
-    """harvest's logits for the prefixes ids[:c], one row per cut (right-padded to one bucket)."""
-    bucket = 640
-    tokens = np.zeros((len(cuts), bucket), np.int32)
-    tokens[:, : len(ids)] = ids
-    _, logits, _ = prefill(
-        lm.cfg, lm.params, jnp.asarray(tokens), jnp.asarray(cuts, jnp.int32), hooks=(), cache_len=bucket + 8
-    )
-    return np.asarray(logits)
+    """harvest's logits for the prefixes ids[:c], one row per cut (a causal pass: position c - 1 of the whole)."""
+    x, _ = forward(lm.cfg, lm.params, jnp.asarray(ids[None]))
+    return np.asarray(lm_logits(lm.cfg, lm.params, x[0, np.asarray(cuts) - 1]))
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
