@@ -61,9 +61,7 @@ _EXTRA = {"trace_s": 0.0, "lower_s": 0.0, "n_big": 0}  # beyond what CompileCoun
 def _listen_compiles():
     import jax
 
-    from harvest.engine.generate import CompileCounter  # importing it registers the counter
-
-    del CompileCounter
+    import harvest.engine.generate  # noqa: F401 - importing it registers CompileCounter's listener
 
     def on(event, duration, **kw):
         if event.endswith("backend_compile_duration"):

@@ -21,7 +21,7 @@ every test input is one sequence; harvest gets the chosen ids as data.tasks):
            tokenizer-level stop strings.
   prompts  (16 tasks) base prompts, exactly 32 new tokens (harvest fixed_length; transformers
            min_new_tokens = max_new_tokens, which masks EOS: same token counts, other tokens).
-  rss      harvest only: peak RSS of random:0.5b runs (random:tiny with --quick), 8 forced new tokens,
+  rss      harvest only: peak RSS of random:0.5b runs (--rss-model; random:tiny with --quick), 8 forced new tokens,
            data.limit = each of --rss-tasks, data.max_prompt_tokens 1024.
 Hooks: blocks.{n/4, n/2, 3n/4}.hook_resid_post (6/12/18 for 24 layers), float16, every prompt token
 and every generated token up to and including the stop token. transformers' hidden_states[L + 1] is
@@ -446,7 +446,7 @@ def lengths_agree(run: Path, hf_lengths: dict) -> str:
 
 
 def rss_workload(args, tmp: Path) -> dict:
-    model = "random:tiny" if args.quick else "random:0.5b"
+    model = args.rss_model or ("random:tiny" if args.quick else "random:0.5b")
     counts = [5, 10] if args.quick else [int(x) for x in args.rss_tasks.split(",")]
     layers = hook_layers(PRESET_LAYERS[model.split(":")[1]])
     print(f"rss: harvest only, {model}, {args.dtype}, 8 forced new tokens, batch {args.batch}, hooks {layers}")
@@ -475,6 +475,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--harvest-set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--rss-tasks", default="50,100,400", help="rss workload: data.limit values")
+    ap.add_argument("--rss-model", default=None, help="rss workload: random preset (default random:0.5b)")
     ap.add_argument("--json", help="also write every number here")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, outputs)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: tiny random model, 2 tasks, 16 new tokens")

@@ -155,7 +155,8 @@ class CaptureSection:
 class RuntimeSection:
     batch_size: int = 8  # prompts per prefill call
     decode_slots: int = 32  # sequences decoding at once (continuous batching)
-    prefill_chunk: int = 256  # prompt tokens per prompt per prefill call
+    prefill_chunk: int = 128  # prompt tokens per prompt per prefill call
+    tail_slots: int | None = None  # pool size for the last few live rows; null: decode_slots // 4; 0: off
     queue: int = 8  # finished sequences waiting for the writer (bounds host RAM)
     max_capture_gb: float = 8.0  # refuse settings whose capture buffers would exceed this
     compile_cache: str | None = "~/.cache/harvest/jax"  # persistent XLA cache; null disables
@@ -202,6 +203,7 @@ class RunConfig:
                 batch_size=r.batch_size,
                 decode_slots=r.decode_slots,
                 prefill_chunk=r.prefill_chunk,
+                tail_slots=r.tail_slots,
                 max_prompt_len=longest_prompt,
                 max_new_tokens=g.max_new_tokens,
                 sampling=g.to_sampling_config(),

@@ -5,11 +5,13 @@
         done.tokens, done.decode_acts["blocks.3.hook_resid_post"], done.stop_reason
     outs = gen.generate([ids_a, ids_b], sequence_ids=[0, 1])  # all at once, in input order
 
-The pool has `decode_slots` slots. Each round: free slots take the next prompts in the given order
-(in whole prefill calls of `batch_size` lanes while more wait), the prompts are prefilled chunk by
-chunk into their slots, then one decode segment runs until `batch_size` slots are free again (or
-`segment_steps` steps), and finished slots are read and handed back. Shapes never depend on the
-prompts, so the whole stream compiles one prefill and one decode program.
+The pool has `decode_slots` slots. Each round: free slots take the next prompts in the given order; the
+prompts are prefilled into their slots by `batch_size` lanes, chunk by chunk (a call runs only with every
+lane busy while more prompts wait; a half-prefilled prompt keeps its lane for the next round); then one
+decode segment runs until enough rows finish to fill the idle lanes (or `segment_steps` steps), and
+finished slots are read and handed back. At the end, when no prompt waits and at most `tail_slots` rows
+are live, they move to a small pool. Shapes never depend on the prompts: a stream compiles one prefill
+and two decode programs (full pool, tail pool), whatever the prompt lengths.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import jax
 import numpy as np
 
 from harvest.engine.config import ModelConfig
-from harvest.engine.decode import DecodeConfig, decode_segment, read_slot
+from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
 from harvest.engine.hooks import Hook
 from harvest.engine.prefill import prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
@@ -36,7 +38,7 @@ from harvest.errors import FieldError
 class GenerateConfig:
     batch_size: int = 8  # prompts per prefill call (lanes)
     decode_slots: int = 32  # sequences decoding at once; decode is bandwidth-bound, so more is cheap
-    prefill_chunk: int = 256  # prompt tokens per lane per prefill call: padding < one chunk per prompt
+    prefill_chunk: int = 128  # prompt tokens per lane per prefill call: padding < one chunk per prompt
     max_prompt_len: int = 1024  # cache room for a prompt; longer prompts are refused
     max_new_tokens: int = 64
     sampling: SamplingConfig = SamplingConfig()
@@ -44,6 +46,8 @@ class GenerateConfig:
     stop_strings: tuple[str, ...] = ()
     seed: int = 0
     segment_steps: int = 32  # decode steps between two looks at the pool
+    tail_slots: int | None = None  # once no prompt waits and at most this many rows are live, decode them
+    # in a pool of this size (one more compiled decode program); None: decode_slots // 4; 0: never
     prefill_hooks: tuple[Hook, ...] = ()
     decode_hooks: tuple[Hook, ...] = ()
 
@@ -51,6 +55,10 @@ class GenerateConfig:
         for name in ("batch_size", "decode_slots", "max_prompt_len", "max_new_tokens", "segment_steps"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"{getattr(self, name)} is impossible; it must be >= 1")
+        if self.tail_slots is not None and not 0 <= self.tail_slots < self.decode_slots:
+            raise FieldError(
+                "tail_slots", f"{self.tail_slots} is impossible; it must be in [0, decode_slots={self.decode_slots})"
+            )
         if self.decode_slots < self.batch_size:
             raise FieldError(
                 "decode_slots", f"{self.decode_slots} is below batch_size={self.batch_size}; it must be >= batch_size"
@@ -61,6 +69,10 @@ class GenerateConfig:
             raise FieldError("seed", f"{self.seed} is impossible; it must be in [0, 2**32)")
         if not all(self.stop_strings):
             raise FieldError("stop_strings", "must be non-empty strings: an empty one would stop every row at once")
+
+    @property
+    def tail_pool(self) -> int:
+        return self.decode_slots // 4 if self.tail_slots is None else self.tail_slots
 
     @property
     def cache_len(self) -> int:
@@ -90,8 +102,8 @@ class _Seq:
     prompt: np.ndarray
     slot: int
     next_chunk: int = 0
-    pieces: list = dataclasses.field(default_factory=list)  # (prefill call index, lane, n_valid)
-    prefill_acts: dict = dataclasses.field(default_factory=dict)
+    pieces: list = dataclasses.field(default_factory=list)  # this round's (prefill call index, lane, n_valid)
+    prefill_acts: dict = dataclasses.field(default_factory=dict)  # hook name -> host arrays, chunk by chunk
 
 
 class CompileCounter:
@@ -118,7 +130,13 @@ class Generator:
         self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.fixed_length, gcfg.decode_hooks)
         rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)
         self.tables = StopTables(*rules.tables(cfg.vocab_size))
-        self.timings = {"prefill_seconds": 0.0, "decode_seconds": 0.0, "decode_steps": 0, "prefill_calls": 0}
+        self.timings = {
+            "prefill_seconds": 0.0,
+            "prefill_calls": 0,
+            "decode_seconds": 0.0,
+            "decode_steps": 0,
+            "tail_steps": 0,  # decode steps in the small tail pool
+        }
         self._state: SlotState | None = None
 
     def generate(self, prompts: Sequence[Sequence[int]], sequence_ids: Sequence[int]) -> list[Finished]:
@@ -135,31 +153,38 @@ class Generator:
         state = self._state if self._state is not None else self._empty_state()
         self._state = None  # donated below; restored when the stream ends cleanly
         n_slots = g.decode_slots
-        occupant: list[_Seq | None] = [None] * n_slots
+        occupant: list[_Seq | None] = [None] * n_slots  # prefilling or decoding
+        live: set[int] = set()  # slots decoding
+        lanes = _Lanes(g.batch_size)
         while queue or any(occupant):
-            free = [i for i, o in enumerate(occupant) if o is None]
-            k = min(len(free), len(queue))
-            if len(queue) > k:
-                k -= k % g.batch_size  # while more wait, admit whole prefill calls only
-            admitted = []
-            for slot in free[:k]:
-                seq = queue.popleft()
-                seq.slot, occupant[slot] = slot, seq
-                admitted.append(seq)
-            if admitted:
-                state = self._prefill(state, admitted)
-            want = min(g.batch_size, len(queue)) if queue else n_slots + 1
-            want = max(want, n_slots - sum(o is not None for o in occupant) + 1)
+            for slot in range(n_slots):
+                if occupant[slot] is None and queue:
+                    occupant[slot] = seq = queue.popleft()
+                    seq.slot = slot
+                    lanes.waiting.append(seq)
+            state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=bool(live))
+            live.update(seq.slot for seq in started)
+            if not live:
+                continue
+            if not queue and not lanes.busy and len(live) <= g.tail_pool < len(occupant):
+                state, occupant, live = self._shrink(state, occupant, live)
+                n_slots = len(occupant)
+            # Stop decoding as soon as enough rows finish to fill the idle prefill lanes with waiting prompts.
+            need = min(lanes.idle, len(queue)) if queue else n_slots + 1
             t0 = time.perf_counter()
-            state, steps = decode_segment(self.cfg, self.dcfg, self.params, state, self.tables, g.segment_steps, want)
+            state, steps = decode_segment(
+                self.cfg, self.dcfg, self.params, state, self.tables, g.segment_steps, n_slots - len(live) + need
+            )
             steps, active, num_generated, stop_reason, logprob = jax.device_get(
                 (steps, state.active, state.num_generated, state.stop_reason, state.logprob)
             )
             self.timings["decode_seconds"] += time.perf_counter() - t0
             self.timings["decode_steps"] += int(steps)
-            for slot, seq in enumerate(occupant):
-                if seq is not None and not active[slot]:
-                    occupant[slot] = None
+            self.timings["tail_steps"] += int(steps) if n_slots < g.decode_slots else 0
+            for slot in sorted(live):
+                if not active[slot]:
+                    seq, occupant[slot] = occupant[slot], None
+                    live.discard(slot)
                     tokens, acts = jax.device_get(read_slot(state, slot))
                     n = int(num_generated[slot])
                     yield Finished(
@@ -168,10 +193,21 @@ class Generator:
                         np.asarray(tokens[:n]),
                         int(stop_reason[slot]),
                         float(logprob[slot]),
-                        seq.prefill_acts,
+                        {k: np.concatenate(v) for k, v in seq.prefill_acts.items()},
                         {k: np.asarray(a[:n]) for k, a in acts.items()},
                     )
-        self._state = state
+        self._state = state if n_slots == g.decode_slots else None
+
+    def _shrink(self, state: SlotState, occupant: list, live: set[int]):
+        """Move the live rows into a pool of `tail_slots` slots for the end of the stream."""
+        old = sorted(live)
+        n = self.gcfg.tail_pool
+        slots = np.array(old + [old[0]] * (n - len(old)), np.int32)
+        state = compact(state, slots, np.arange(n) < len(old))
+        small = [occupant[i] for i in old] + [None] * (n - len(old))
+        for i, seq in enumerate(small[: len(old)]):
+            seq.slot = i
+        return state, small, set(range(len(old)))
 
     def _check(self, sequence_id, prompt) -> _Seq:
         ids = np.asarray(prompt, np.int32).reshape(-1)
@@ -190,22 +226,27 @@ class Generator:
             self.cfg, g.decode_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, self.tables.num_strings, dtype
         )
 
-    def _prefill(self, state: SlotState, admitted: list[_Seq]) -> SlotState:
-        """Prefill the admitted prompts into their slots, `batch_size` lanes per call; a lane whose prompt
-        is done takes the next one. Collects each prompt's activations on the host."""
+    def _prefill(
+        self, state: SlotState, lanes: _Lanes, more_coming: bool, decoding: bool
+    ) -> tuple[SlotState, list[_Seq]]:
+        """Run prefill calls while every lane has a chunk to do: a lane whose prompt is done takes the next
+        waiting one, and a half-prefilled prompt keeps its lane until the next round. Part-empty calls run
+        only when no more prompts will come, or when nothing is decoding (else nothing could progress).
+        Returns the state and the prompts that finished prefill (now decoding)."""
         g, c = self.gcfg, self.gcfg.prefill_chunk
         t0 = time.perf_counter()
-        pending = collections.deque(admitted)
-        lanes: list[_Seq | None] = [None] * g.batch_size
-        calls = []
-        while pending or any(lanes):
-            lanes = [lane if lane is not None else (pending.popleft() if pending else None) for lane in lanes]
+        calls, started = [], []
+        while True:
+            lanes.refill()
+            if lanes.busy == 0 or (lanes.idle and more_coming and (decoding or started)):
+                break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
             slot = np.full(g.batch_size, g.decode_slots, np.int32)
             tokens = np.zeros((g.batch_size, c), np.int32)
             start = np.zeros(g.batch_size, np.int32)
             n_valid = np.zeros(g.batch_size, np.int32)
             ids = np.zeros(g.batch_size, np.uint32)
-            for r, seq in enumerate(lanes):
+            last = np.zeros(g.batch_size, bool)
+            for r, seq in enumerate(lanes.seqs):
                 if seq is None:
                     continue
                 begin = seq.next_chunk * c
@@ -214,16 +255,42 @@ class Generator:
                 tokens[r, : len(piece)] = piece
                 seq.pieces.append((len(calls), r, len(piece)))
                 seq.next_chunk += 1
-            last = np.array([s is not None and s.next_chunk * c >= len(s.prompt) for s in lanes])
+                last[r] = begin + c >= len(seq.prompt)
             chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
             state, acts = prefill_chunk(self.cfg, g.prefill_hooks, self.params, state, chunk)
             calls.append(acts)
             self.timings["prefill_calls"] += 1
-            lanes = [None if done else seq for seq, done in zip(lanes, last)]
-        host = jax.device_get(calls)
-        for seq in admitted:
-            seq.prefill_acts = {
-                h.name: np.concatenate([host[i][h.name][r, :n] for i, r, n in seq.pieces]) for h in g.prefill_hooks
-            }
-        self.timings["prefill_seconds"] += time.perf_counter() - t0
-        return state
+            started += [seq for seq, done in zip(lanes.seqs, last) if done]
+            lanes.seqs = [None if done else seq for seq, done in zip(lanes.seqs, last)]
+        if calls:  # move this round's activations to the host, one transfer per call
+            host = jax.device_get(calls)
+            for seq in [*started, *(s for s in lanes.seqs if s is not None)]:
+                for i, r, n in seq.pieces:
+                    for h in g.prefill_hooks:
+                        seq.prefill_acts.setdefault(h.name, []).append(np.array(host[i][h.name][r, :n]))
+                seq.pieces = []
+            self.timings["prefill_seconds"] += time.perf_counter() - t0
+        return state, started
+
+
+@dataclasses.dataclass
+class _Lanes:
+    """The prefill lanes: each carries one prompt, chunk after chunk, until it is in its slot's cache."""
+
+    size: int
+    seqs: list = dataclasses.field(default_factory=list)
+    waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # have a slot, no lane yet
+
+    def __post_init__(self):
+        self.seqs = [None] * self.size
+
+    @property
+    def busy(self) -> int:
+        return sum(s is not None for s in self.seqs)
+
+    @property
+    def idle(self) -> int:
+        return self.size - self.busy
+
+    def refill(self) -> None:
+        self.seqs = [s if s is not None else (self.waiting.popleft() if self.waiting else None) for s in self.seqs]

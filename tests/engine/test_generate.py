@@ -62,7 +62,11 @@ def test_pool_size_and_admission_order_never_change_a_sequence(loaded_tiny):
     alone = gen(lm, batch_size=1, decode_slots=1, **kw)
     ref = {i: alone.generate([p], [i])[0] for i, p in zip(ids, prompts)}
     assert len({len(d.tokens) for d in ref.values()}) > 2, "the test needs rows that stop at different steps"
-    for pool in (gen(lm, **kw), gen(lm, batch_size=3, decode_slots=4, prefill_chunk=32, **kw)):
+    pools = (
+        gen(lm, **kw),
+        gen(lm, batch_size=3, decode_slots=4, prefill_chunk=32, tail_slots=2, segment_steps=4, **kw),
+    )
+    for pool in pools:
         for order in (ids, ids[::-1]):
             got = pool.generate([prompts[i] for i in order], order)
             for done in got:
@@ -73,6 +77,7 @@ def test_pool_size_and_admission_order_never_change_a_sequence(loaded_tiny):
                 for h in hooks:
                     np.testing.assert_allclose(done.prefill_acts[h.name], want.prefill_acts[h.name], atol=1e-5, rtol=0)
                     np.testing.assert_allclose(done.decode_acts[h.name], want.decode_acts[h.name], atol=1e-5, rtol=0)
+    assert pools[1].timings["tail_steps"] > 0  # the last rows finished in the small pool
 
 
 def test_reused_slot_never_sees_the_previous_occupant(loaded_tiny):
@@ -189,3 +194,5 @@ def test_rejects_bad_prompts_and_configs(loaded_tiny):
         GenerateConfig(prefill_chunk=100)
     with pytest.raises(FieldError, match="below batch_size"):
         GenerateConfig(batch_size=8, decode_slots=4)
+    with pytest.raises(FieldError, match=r"tail_slots: 4 is impossible; it must be in \[0, decode_slots=4\)"):
+        GenerateConfig(batch_size=2, decode_slots=4, tail_slots=4)
