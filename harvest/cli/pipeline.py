@@ -176,11 +176,11 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
     out = Path(cfg.output.path)
     check_output(out)
     started = provenance.now()
-    if cfg.runtime.compile_cache:  # a resumed or repeated run skips the per-bucket compiles
+    if cfg.runtime.compile_cache:  # a resumed or repeated run loads every program instead of compiling it
         import jax
 
         jax.config.update("jax_compilation_cache_dir", cfg.runtime.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     work = prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
     with lock_run(out):  # one harvest per folder: two would both write and clean up
         prepare_output(out, cfg, overwrite)
