@@ -1,6 +1,6 @@
 """The harvest pipeline behind `harvest run CONFIG` (harvest.cli.main parses the command line).
 
-The pipeline: config -> model -> ARC tasks -> prompts -> batches -> (prefill, decode, capture)
+The pipeline: config -> model -> ARC tasks -> prompts -> continuous batching (prefill, decode, capture)
 -> background writer -> committed Zarr shards -> summary. Re-running the same command on the same
 output folder resumes: committed sequences are skipped, crash leftovers are removed.
 """

@@ -1,7 +1,7 @@
-"""BackgroundWriter: device->host copies and Zarr writes in one thread, behind a bounded queue.
+"""BackgroundWriter: record building and Zarr writes in one thread, behind a bounded queue.
 
-The main thread puts a callable per batch (e.g. `lambda: to_records(jax.device_get(bufs))`); the
-writer thread calls it, so the copy overlaps the next batch's compute. The queue holds at most
+The main thread puts a callable per item (e.g. `lambda: [builder.record(done, seq, prompt)]`); the
+writer thread calls it, so building the record overlaps the engine's next steps. The queue holds at most
 `max_queue` items, so a slow disk blocks `put` (backpressure) instead of growing host RAM.
 Sequences accumulate until the next one would push the shard past `shard_bytes`; then the shard is
 written whole and committed (harvest.store.ShardWriter). A writer error is re-raised in the main
