@@ -1,4 +1,5 @@
-"""`harvest run CONFIG [--set section.key=value ...] [--overwrite]` (also `python -m harvest.run CONFIG`).
+"""`harvest run CONFIG [--set section.key=value ...] [--overwrite]` (also `python -m harvest.run CONFIG`),
+`harvest verify RUN [--deep] [--repair]` (also `python -m harvest.verify RUN`) and `harvest info RUN`.
 
 A user's mistake (any HarvestError: a bad config, model, task file or run folder) prints one line
 and exits 2; anything else is a bug and keeps its traceback. HARVEST_DEBUG=1 shows the traceback
@@ -14,6 +15,7 @@ import signal
 import sys
 
 from harvest import arc
+from harvest.cli import inspect
 from harvest.errors import HarvestError
 
 log = logging.getLogger("harvest")
@@ -82,6 +84,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="harvest", description="Harvest Qwen2 activations over ARC-AGI into Zarr.")
     sub = ap.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_run(sub)
+    inspect.add_commands(sub)
     return ap
 
 

@@ -218,9 +218,16 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
         machine=provenance.machine(),
     )
     meta.setdefault("started", started)
-    meta.setdefault("sessions", []).append(
-        {"started": started, "resumed_sequences": len(scan.committed_sequence_ids), "removed_leftovers": scan.removed}
-    )
+    session = {
+        "started": started,
+        "host": meta["machine"]["host"],
+        "harvest_version": meta["packages"].get("harvest"),
+        "git_commit": meta["git_commit"],
+        "runtime": cfg.to_dict()["runtime"],  # may differ between sessions: it schedules, it does not change data
+        "resumed_sequences": len(scan.committed_sequence_ids),
+        "removed_leftovers": scan.removed,
+    }
+    meta.setdefault("sessions", []).append(session)
     write_run_metadata(out, meta)
     if scan.removed:
         log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
@@ -261,7 +268,8 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     elapsed = time.perf_counter() - t0
     bar.close()
     summary = summarize(out, work, cfg, stats, counts, elapsed, engine)
-    meta["finished"] = provenance.now()
+    meta["finished"] = session["finished"] = provenance.now()
+    session["sequences"] = stats.sequences_written
     meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
     write_run_metadata(out, meta)
     StoreLayout(out).summary_json.write_text(json.dumps(summary, indent=2, default=json_default))

@@ -16,9 +16,10 @@ import numcodecs.blosc
 import numcodecs.zstd
 import numpy as np
 
-from harvest.store.reader import ChunkRef, StoreReader
+from harvest.store.integrity import crc32c_bytes
+from harvest.store.reader import ChunkRef, StoreReader, data_file
 
-_MISSING = 2**64 - 1  # shard index entry of a chunk that was never written (reads as the fill value 0)
+_MISSING = 2**64 - 1  # shard index entry of a chunk that was never written (version 1: the fill value 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,11 +33,11 @@ class _Direct:
     shape: tuple  # (n, d)
     dtype: np.dtype  # storage dtype
     codec: str  # "blosc" | "zstd" | "none"
+    checked: bool  # each chunk ends with the crc32c of its bytes (format version 2)
 
 
 def _direct(store: StoreReader, k: int, hook: str) -> _Direct | None:
     """The direct-read plan for the layout FORMAT.md describes, or None (then zarr reads it)."""
-    import google_crc32c
     from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
 
     arr = store.array(k, f"acts/{hook}")
@@ -54,28 +55,38 @@ def _direct(store: StoreReader, k: int, hook: str) -> _Direct | None:
     ):
         return None
     inner = [type(c) for c in sc.codecs]
+    checked = inner[-1:] == [Crc32cCodec]
     codec = {(BytesCodec,): "none", (BytesCodec, BloscCodec): "blosc", (BytesCodec, ZstdCodec): "zstd"}.get(
-        tuple(inner)
+        tuple(inner[:-1] if checked else inner)
     )
     path = os.path.join(store.shards[k].path, "acts", hook, "c", "0", "0")
     if codec is None or not os.path.isfile(path):
-        return None
+        return None  # zarr reads it (a missing file of a version-2 shard was refused when it opened)
     n_chunks = arr.shards[0] // arr.chunks[0]
     with open(path, "rb") as f:
         f.seek(-(16 * n_chunks + 4), os.SEEK_END)
         raw = f.read()
-    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+    if crc32c_bytes(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         return None  # let zarr report the corruption
     index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
-    return _Direct(path, index, arr.chunks[0], arr.shape, np.dtype(arr.dtype), codec)
+    return _Direct(path, index, arr.chunks[0], arr.shape, np.dtype(arr.dtype), codec, checked)
 
 
 def _decode(plan: _Direct, fd: int, c: int, out: np.ndarray) -> None:
     off, nbytes = (int(v) for v in plan.index[c])
     if off == _MISSING:
+        if plan.checked:  # version 2 writes every chunk
+            raise ValueError(f"inner chunk {c} is missing from the shard index")
         out[...] = 0
         return
     src = os.pread(fd, nbytes, off)
+    if len(src) != nbytes:
+        raise ValueError(f"inner chunk {c} is cut short ({len(src)} of {nbytes} bytes)")
+    if plan.checked:
+        src = memoryview(src)
+        if crc32c_bytes(src[:-4]) != int.from_bytes(src[-4:], "little"):
+            raise ValueError(f"inner chunk {c} fails its crc32c checksum")
+        src = src[:-4]
     full = out.shape[0] == plan.rows
     dest = out if full else np.empty((plan.rows, plan.shape[1]), plan.dtype)  # the padded last chunk
     if plan.codec == "blosc":
@@ -104,13 +115,14 @@ class ChunkReader:
         if plan is None:
             out[...] = storage_bits(self.store.read_rows(hook, unit.shard, unit.start, unit.stop))
             return
-        fd = os.open(plan.path, os.O_RDONLY)
-        try:
-            for a in range(unit.start, unit.stop, plan.rows):  # several chunks if this hook's are smaller
-                b = min(a + plan.rows, unit.stop)
-                _decode(plan, fd, a // plan.rows, out[a - unit.start : b - unit.start])
-        finally:
-            os.close(fd)
+        with self.store.reading(unit.shard, data_file(f"acts/{hook}")):
+            fd = os.open(plan.path, os.O_RDONLY)
+            try:
+                for a in range(unit.start, unit.stop, plan.rows):  # several chunks if this hook's are smaller
+                    b = min(a + plan.rows, unit.stop)
+                    _decode(plan, fd, a // plan.rows, out[a - unit.start : b - unit.start])
+            finally:
+                os.close(fd)
 
     def dtype(self, hook: str) -> np.dtype:
         """The storage dtype (bfloat16 as uint16 bits)."""

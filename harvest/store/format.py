@@ -11,6 +11,7 @@ Run folder:
     RUN/shards/000012.zarr/           one complete Zarr v3 group (store.shard builds it)
     RUN/commits/000012.json           commit record, written LAST; only committed shards exist
     RUN/stats/<hook>.json|.npz|...    cached statistics (store.stats); never part of the data
+    RUN/quarantine/<time>/            damaged shards and commit records moved aside by `harvest verify --repair`
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "harvest-activations"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-chunk crc32c, every chunk written, a file manifest in each commit record
 
 CODECS = ("blosc-zstd", "zstd", "none")
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -118,6 +119,11 @@ class StoreLayout:
     def lock_file(self) -> Path:
         return self.root / ".lock"
 
+    @property
+    def quarantine_dir(self) -> Path:
+        """Where `harvest verify --repair` moves damaged shards and their commit records."""
+        return self.root / "quarantine"
+
     def entries(self) -> set[str]:
         """The names a run folder may hold at its top level."""
         return {
@@ -129,6 +135,7 @@ class StoreLayout:
                 self.run_json,
                 self.summary_json,
                 self.lock_file,
+                self.quarantine_dir,
             )
         }
 

@@ -15,6 +15,10 @@ Pipeline, per epoch (docs/TRAINING.md has the user-facing contract):
   4. mix      permute the buffer's selected rows with the < batch_size rows carried from the last one;
   5. emit     gather each batch (one copy), cast / normalise, and hand it over through a bounded queue
               filled by one background thread, which reads the next buffer meanwhile.
+
+Impossible options are refused when the loader is built, before any read (FieldError, naming the
+option); so are a store with no committed shards, filters that select no row, and a process share
+with no batch (LoaderError): a loader never yields nothing silently.
 """
 
 from __future__ import annotations
@@ -29,15 +33,22 @@ from typing import Any
 
 import numpy as np
 
+from harvest.errors import FieldError
 from harvest.store.chunks import ChunkReader
 from harvest.store.format import PHASES, SEGMENTS
 from harvest.store.reader import ChunkRef, StoreReader
+from harvest.store.runfolder import StoreError
 from harvest.store.stats import hook_stats
 
-__all__ = ["LoaderConfig", "Batches", "batches", "select_rows", "read_units", "epoch_plan"]
+__all__ = ["LoaderConfig", "LoaderError", "Batches", "batches", "select_rows", "read_units", "epoch_plan"]
 
 EXCLUDES = ("first_token", "outliers")
 NORMALIZE = (None, "scale", "center")
+
+
+class LoaderError(StoreError, ValueError):
+    """The store and the options leave nothing to train on: no committed shards, no selected row,
+    or no batch for this process. (An impossible option on its own is a FieldError.)"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +73,35 @@ class LoaderConfig:
     with_rows: bool = False  # yield (global row ids [B], batch) instead of batch
 
     def __post_init__(self):
-        if self.batch_size < 1 or self.buffer_chunks < 1 or self.prefetch < 1 or self.workers < 1:
-            raise ValueError("batch_size, buffer_chunks, prefetch and workers must be >= 1")
+        """Refuse impossible options (FieldError: one line, the option, its value, the rule).
+        The checks that need the store (hook names, segment names) are in Batches."""
+        if not self.hooks:
+            raise FieldError("hooks", "none given; pass a hook name or a list of hook names")
+        repeated = sorted({h for h in self.hooks if self.hooks.count(h) > 1})
+        if repeated:
+            raise FieldError("hooks", f"{', '.join(map(repr, repeated))} repeated; give each hook once")
+        for name in ("batch_size", "buffer_chunks", "prefetch", "workers", "process_count"):
+            if getattr(self, name) < 1:
+                raise FieldError(name, f"{getattr(self, name)} is impossible; it must be >= 1")
+        if self.epochs is not None and self.epochs < 1:
+            raise FieldError("epochs", f"{self.epochs} is impossible; it must be >= 1, or None to repeat forever")
         if not 0 <= self.process_index < self.process_count:
-            raise ValueError(f"process_index {self.process_index} not in [0, {self.process_count})")
+            raise FieldError(
+                "process_index",
+                f"{self.process_index} is impossible; it must be in [0, process_count={self.process_count})",
+            )
+        if not self.outlier_factor > 1:  # NaN too
+            raise FieldError(
+                "outlier_factor",
+                f"{self.outlier_factor:g} is impossible; it must be > 1 (a multiple of the median norm)",
+            )
         if self.phase is not None and self.phase not in PHASES:
-            raise ValueError(f"phase {self.phase!r} is not one of {', '.join(PHASES)} or None")
-        bad = set(self.exclude) - set(EXCLUDES)
+            raise FieldError("phase", f"{self.phase!r} is not one of {', '.join(PHASES)}, None")
+        bad = [x for x in self.exclude if x not in EXCLUDES]
         if bad:
-            raise ValueError(f"exclude {sorted(bad)}: known masks are {', '.join(EXCLUDES)}")
+            raise FieldError("exclude", f"{bad[0]!r} is not one of {', '.join(EXCLUDES)}")
         if self.normalize not in NORMALIZE:
-            raise ValueError(f"normalize {self.normalize!r} is not one of {NORMALIZE}")
+            raise FieldError("normalize", f"{self.normalize!r} is not one of scale, center, None")
 
 
 # ---------------------------------------------------------------- 1. select
@@ -85,17 +114,18 @@ def segment_codes(store: StoreReader, names: Iterable[str]) -> list[int]:
         table = SEGMENTS
     unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"unknown segment(s) {unknown}; segments: {', '.join(table)}")
+        raise FieldError("segment", f"{unknown[0]!r} is not one of this run's segments: {', '.join(table)}")
     return [int(table[n]) for n in names]
 
 
 def select_rows(store: StoreReader, cfg: LoaderConfig) -> np.ndarray:
     """[N] bool: True for the rows this configuration trains on (before the process split)."""
+    codes = None if cfg.segment is None else segment_codes(store, cfg.segment)  # unknown names: before any read
     keep = np.ones(store.num_tokens, dtype=bool)  # [N]
     if cfg.phase is not None:
         keep &= store.token_column("phase") == PHASES[cfg.phase]
-    if cfg.segment is not None:
-        keep &= np.isin(store.token_column("segment"), segment_codes(store, cfg.segment))
+    if codes is not None:
+        keep &= np.isin(store.token_column("segment"), codes)
     if "first_token" in cfg.exclude:
         keep &= ~store.token_column("first_token")
     if "outliers" in cfg.exclude:
@@ -253,16 +283,39 @@ class Batches:
 
     def __init__(self, store: StoreReader, cfg: LoaderConfig, single: bool):
         self.store, self.cfg, self.single = store, cfg, single
+        # refused here rather than on first iteration: all of it is cheap (token columns, counts)
+        if not store.shards:
+            raise LoaderError(f"{store.root} has no committed shards; there is nothing to train on yet")
         for h in cfg.hooks:
-            store.check_hook(h)
+            try:
+                store.check_hook(h)
+            except KeyError as e:
+                raise FieldError("hooks", e.args[0]) from None
         self.keep = select_rows(store, cfg)  # [N] bool
+        self.num_selected = int(self.keep.sum())
+        if not self.num_selected:
+            raise LoaderError(
+                f"no rows match phase={cfg.phase!r}, segment={cfg.segment!r}, exclude={cfg.exclude!r} in "
+                f"{store.root} ({store.num_tokens:,} rows before filtering); loosen the filters"
+            )
+        if not self.batches_per_epoch():
+            raise LoaderError(self._no_batch())
         self.units = read_units(store, cfg.hooks)
         starts = np.array([u.offset + u.start for u in self.units], dtype=np.int64)
         self.counts = np.add.reduceat(self.keep.astype(np.int64), starts) if len(starts) else starts  # [U]
-        self.num_selected = int(self.keep.sum())
         # built here, in the caller's thread: statistics may be computed, errors surface early
         self.reader = ChunkReader(store, cfg.hooks)
         self.transform = _Transform(store, cfg)
+
+    def _no_batch(self) -> str:
+        c, n, S = self.cfg, self.rows_per_epoch, self.num_selected
+        who = f"process_index={c.process_index} of process_count={c.process_count}"
+        if c.drop_last:
+            return (
+                f"{who} gets {n:,} of the {S:,} selected rows per epoch, fewer than batch_size={c.batch_size}, "
+                "so drop_last=True leaves it no batch; lower batch_size or process_count"
+            )
+        return f"{who} gets none of the {S:,} selected rows per epoch; lower process_count or loosen the filters"
 
     @property
     def rows_per_epoch(self) -> int:

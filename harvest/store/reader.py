@@ -21,6 +21,7 @@ This module imports none of them, so imports flow one way (reader -> chunks -> s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -32,10 +33,11 @@ import numpy as np
 import zarr
 
 from harvest.store.format import FORMAT_VERSION, OFFSET_COLUMNS, SEQUENCE_COLUMNS, StoreLayout
+from harvest.store.integrity import check_files, is_metadata
 from harvest.store.runfolder import StoreError, read_commits, read_run_metadata
 from harvest.store.shard import from_storage
 
-__all__ = ["StoreReader", "ActivationView", "SequenceTable", "ChunkRef", "ShardInfo"]
+__all__ = ["StoreReader", "ActivationView", "SequenceTable", "ChunkRef", "ShardInfo", "NotARunError"]
 
 T = TypeVar("T")
 
@@ -57,6 +59,26 @@ class ShardInfo:
     num_tokens: int
     offset: int  # global row of its first token
     sequence_ids: tuple[int, ...]
+    files: dict | None  # relative path -> [size, crc32c] (format version 2); None for version 1
+
+
+class NotARunError(StoreError, FileNotFoundError):
+    """open_store was given a path that is not a run folder."""
+
+
+def check_run_folder(layout: StoreLayout) -> None:
+    """Raise NotARunError, with a hint, unless layout.root is a run folder (it has commits/ or run.json)."""
+    root = layout.root
+    if not root.is_dir():
+        raise NotARunError(f"no run folder at {root}")
+    if layout.commits_dir.is_dir() or layout.run_json.is_file():
+        return
+    if StoreLayout.shard_index(root.name) is not None and (root / "zarr.json").is_file():
+        raise NotARunError(f"{root} is one shard of a run; open the run folder {root.parent.parent} instead")
+    raise NotARunError(
+        f"{root} is not a harvest run folder (it has no commits/ or run.json); open the folder a harvest's "
+        f"output.path names"
+    )
 
 
 class SequenceTable(dict):
@@ -82,8 +104,7 @@ class StoreReader:
     def __init__(self, root: str | os.PathLike):
         self.layout = StoreLayout(root)
         self.root = self.layout.root
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"no run folder at {self.root}")
+        check_run_folder(self.layout)
         commits = read_commits(self.root)
         self.shards: list[ShardInfo] = []
         offset = 0
@@ -98,7 +119,9 @@ class StoreReader:
             elif rec["hooks"] != hooks:
                 raise StoreError(f"shard {i} has hooks {sorted(rec['hooks'])}, shard 0 has {sorted(hooks)}")
             self.shards.append(
-                ShardInfo(i, self.root / rec["path"], rec["num_tokens"], offset, tuple(rec["sequence_ids"]))
+                ShardInfo(
+                    i, self.root / rec["path"], rec["num_tokens"], offset, tuple(rec["sequence_ids"]), rec.get("files")
+                )
             )
             offset += rec["num_tokens"]
         self.commits = list(commits.values())
@@ -175,26 +198,61 @@ class StoreReader:
     # ------------------------------------------------------------ zarr access (cached per shard)
 
     def group(self, k: int) -> zarr.Group:
-        """The Zarr group of the k-th committed shard (k is a position in self.shards)."""
+        """The Zarr group of the k-th committed shard (k is a position in self.shards).
+
+        Opening a version-2 shard checks it against its commit record first: every file present at
+        its size, and the crc32c of its zarr.json files (chunks carry their own checksums)."""
         if k not in self._groups:
-            self._groups[k] = zarr.open_group(str(self.shards[k].path), mode="r")
+            sh = self.shards[k]
+            if sh.files is not None:
+                problems = check_files(sh.path, sh.files, checksum=is_metadata)
+                if problems:
+                    raise self.damaged(k, problems[0].path, problems[0].detail)
+            with self.reading(k, "zarr.json"):
+                self._groups[k] = zarr.open_group(str(sh.path), mode="r")
         return self._groups[k]
 
     def array(self, k: int, name: str) -> zarr.Array:
         """The Zarr array `name` (a per-token column, or "acts/<hook>") of the k-th committed shard."""
         if (k, name) not in self._arrays:
-            self._arrays[(k, name)] = self.group(k)[name]
+            group = self.group(k)
+            with self.reading(k, f"{name}/zarr.json"):
+                self._arrays[(k, name)] = group[name]
         return self._arrays[(k, name)]
+
+    def damaged(self, k: int, file: str, detail: str) -> StoreError:
+        """The one error for unreadable data: it names the run, the shard and the file (relative to the
+        shard folder) and points at `harvest verify`."""
+        sh = self.shards[k]
+        return StoreError(
+            f"{self.root}: shard {sh.index} is damaged: {sh.path.name}/{file}: {detail}; "
+            f"run `harvest verify {self.root}` (--repair re-harvests it)"
+        )
+
+    @contextlib.contextmanager
+    def reading(self, k: int, file: str):
+        """Turn any failure to read or decode shard k's `file` into `damaged(...)`."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as e:
+            detail = (str(e).strip().splitlines() or [""])[0]
+            if "checksum" in detail.lower():  # zarr's crc32c codec: say which check failed, not the bytes
+                detail = "a chunk fails its crc32c checksum"
+            raise self.damaged(k, file, f"{type(e).__name__}: {detail}") from e
 
     def _shard_table(self, k: int) -> dict[str, np.ndarray]:
         return self._tables()[k]
 
     def _tables(self) -> list[dict[str, np.ndarray]]:
         if self._table_cache is None:
-            self._table_cache = [
-                {name: _plain(arr[...]) for name, arr in self.group(k)["sequences"].arrays()}
-                for k in range(len(self.shards))
-            ]
+            tables = []
+            for k in range(len(self.shards)):
+                group = self.group(k)
+                with self.reading(k, "sequences"):
+                    tables.append({name: _plain(arr[...]) for name, arr in group["sequences"].arrays()})
+            self._table_cache = tables
         return self._table_cache
 
     # ------------------------------------------------------------ public reads
@@ -236,7 +294,12 @@ class StoreReader:
         if name not in self._token_cache:
             if not self.shards:
                 raise StoreError("the store has no committed shards")
-            col = np.concatenate([self.array(k, name)[...] for k in range(len(self.shards))])
+            parts = []
+            for k in range(len(self.shards)):
+                arr = self.array(k, name)
+                with self.reading(k, data_file(name)):
+                    parts.append(arr[...])
+            col = np.concatenate(parts)
             col.flags.writeable = False  # every caller gets this one array
             self._token_cache[name] = col
         return self._token_cache[name]
@@ -255,10 +318,12 @@ class StoreReader:
         a = int(t["token_offset"][j])
         b = a + int(t["token_count"][j])
         g = self.group(k)
-        out = {name: arr[a:b] for name, arr in g.arrays()}  # per-token columns
+        out = {}
+        for name, arr in g.arrays():  # per-token columns
+            with self.reading(k, data_file(name)):
+                out[name] = arr[a:b]
         for hook in self.hooks:
-            arr = g["acts"][hook]
-            out[hook] = from_storage(arr[a:b], arr.attrs.get("logical_dtype"))  # [T, d]
+            out[hook] = self.read_rows(hook, k, a, b)  # [T, d]
         return out
 
     def chunk_index(self, hook: str | None = None) -> list[ChunkRef]:
@@ -274,8 +339,16 @@ class StoreReader:
 
     def read_rows(self, hook: str, k: int, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of shard k for hook, in logical dtype. [stop-start, d]"""
-        arr = self.array(k, f"acts/{hook}")
-        return from_storage(arr[start:stop], arr.attrs.get("logical_dtype"))
+        name = f"acts/{hook}"
+        arr = self.array(k, name)
+        with self.reading(k, data_file(name)):
+            return from_storage(arr[start:stop], arr.attrs.get("logical_dtype"))
+
+
+def data_file(name: str) -> str:
+    """The file holding array `name`'s data, relative to its shard: activations are one sharding
+    object (c/0/0); the token and sequence columns are one chunk (c/0)."""
+    return f"{name}/c/0/0" if name.startswith("acts/") else f"{name}/c/0"
 
 
 def _fill_for(dtype: np.dtype) -> Any:
@@ -363,8 +436,10 @@ class ActivationView:
         shard_of = np.searchsorted(self.store.shard_starts, idx, side="right") - 1  # [n]
         for k in np.unique(shard_of):
             local = idx[shard_of == k] - self.store.shards[k].offset
-            arr = self.store.array(int(k), f"acts/{self.hook}")
-            rows = arr.get_orthogonal_selection((local, slice(None)))
+            name = f"acts/{self.hook}"
+            arr = self.store.array(int(k), name)
+            with self.store.reading(int(k), data_file(name)):
+                rows = arr.get_orthogonal_selection((local, slice(None)))
             parts.append(from_storage(rows, arr.attrs.get("logical_dtype")))
         if not parts:
             return self._finish(self._empty())

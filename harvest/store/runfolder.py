@@ -76,10 +76,24 @@ def write_run_metadata(run_dir: str | os.PathLike, meta: dict) -> None:
     write_json_atomic(layout.run_json, meta)
 
 
+def read_json(path: Path, what: str, fix: str) -> Any:
+    """A JSON file of the run folder; StoreError naming the file, line and column if it is damaged."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{path}:{e.lineno}:{e.colno}: {what} is not valid JSON ({e.msg}); {fix}") from None
+    except UnicodeDecodeError:
+        raise StoreError(f"{path}: {what} is not UTF-8 text; {fix}") from None
+
+
 def read_run_metadata(run_dir: str | os.PathLike) -> dict:
     """RUN/run.json as a dict; FileNotFoundError if the run has none yet."""
-    with open(StoreLayout(run_dir).run_json) as f:
-        return json.load(f)
+    layout = StoreLayout(run_dir)
+    meta = read_json(layout.run_json, "run.json", "restore it from a copy (or start over with --overwrite)")
+    if not isinstance(meta, dict):
+        raise StoreError(f"{layout.run_json}: run.json is not a JSON object; restore it")
+    return meta
 
 
 # ---------------------------------------------------------------- resume
@@ -123,39 +137,40 @@ def read_commits(run_dir) -> dict[int, dict]:
     for p in layout.commits_dir.iterdir():
         i = StoreLayout.commit_index(p.name)
         if i is not None:
-            with open(p) as f:
-                out[i] = json.load(f)
+            fix = f"run `harvest verify --repair {layout.root}` to re-harvest shard {i}"
+            out[i] = read_json(p, "commit record", fix)
+            if not isinstance(out[i], dict) or not {"num_tokens", "sequence_ids", "hooks"} <= out[i].keys():
+                raise StoreError(f"{p}: commit record lacks its fields; run `harvest verify --repair {layout.root}`")
     return dict(sorted(out.items()))
 
 
-def scan_run(run_dir, clean: bool = True) -> ScanResult:
-    """For resume: delete crash leftovers, return what is committed and the next shard index.
-
-    Deleted: temp shard dirs (`*.zarr.tmp-*`), temp commit files (`*.tmp-*`), `*.partial` files
-    that zarr's local store can leave, and shard dirs without a commit record. Other files are
-    left alone. Call it only when no other process writes to this run folder.
-    """
-    layout = StoreLayout(run_dir)
-    commits = read_commits(run_dir)
-    removed: list[str] = []
-
-    def rm(p: Path) -> None:
-        removed.append(str(p.relative_to(layout.root)))
-        if clean:
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
-
+def find_leftovers(layout: StoreLayout, committed: set[int]) -> list[Path]:
+    """What a crash leaves behind: temp shard dirs (`*.zarr.tmp-*`), temp commit files (`*.tmp-*`),
+    `*.partial` files that zarr's local store can leave, and shard dirs without a commit record."""
+    out: list[Path] = []
     if layout.commits_dir.is_dir():
-        for p in sorted(layout.commits_dir.iterdir()):
-            if TMP_MARK in p.name:
-                rm(p)
+        out += [p for p in sorted(layout.commits_dir.iterdir()) if TMP_MARK in p.name]
     if layout.shards_dir.is_dir():
         for p in sorted(layout.shards_dir.iterdir()):
             i = StoreLayout.shard_index(p.name)
-            if TMP_MARK in p.name or (i is not None and i not in commits):
-                rm(p)
-        for p in sorted(layout.shards_dir.rglob("*.partial")):
-            if p.exists():
-                rm(p)
+            if TMP_MARK in p.name or (i is not None and i not in committed):
+                out.append(p)
+        inside = set(out)
+        out += [p for p in sorted(layout.shards_dir.rglob("*.partial")) if not inside & set(p.parents)]
+    return out
+
+
+def scan_run(run_dir, clean: bool = True) -> ScanResult:
+    """For resume: delete crash leftovers (find_leftovers), return what is committed and the next
+    shard index. Other files are left alone. Call it only when no other process writes to this run
+    folder."""
+    layout = StoreLayout(run_dir)
+    commits = read_commits(run_dir)
+    removed = [str(p.relative_to(layout.root)) for p in find_leftovers(layout, set(commits))]
+    if clean:
+        for rel in removed:
+            p = layout.root / rel
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
     seen: set[int] = set()
     for i, rec in commits.items():
         if not layout.shard_path(i).is_dir():

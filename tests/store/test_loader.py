@@ -1,5 +1,6 @@
 """Shuffled loader (harvest.store.loader via Store.batches): exactly once, determinism, filters, alignment."""
 
+import re
 import threading
 
 import ml_dtypes
@@ -7,6 +8,9 @@ import numpy as np
 import pytest
 
 from harvest.data import open_store
+from harvest.errors import FieldError, HarvestError
+from harvest.store.loader import LoaderError
+from harvest.store.runfolder import write_run_metadata
 from helpers.stores import HA, HB, PLANTED, collect, make_store, rows_of
 
 
@@ -87,14 +91,105 @@ def test_outlier_factor_and_segment_names(store):
     rows = np.concatenate([r for r, _ in collect(store, exclude=["outliers"], outlier_factor=20)[1]])
     norms = store.stats(HA).norms()
     assert set(np.flatnonzero(norms > 20 * med)).isdisjoint(rows) and (norms > 20 * med).sum() >= 2
-    with pytest.raises(ValueError, match="unknown segment"):
-        store.batches(HA, 8, segment="test_output")
-    with pytest.raises(ValueError, match="phase"):
-        store.batches(HA, 8, phase="generate")
-    with pytest.raises(KeyError, match="not in store"):
-        store.batches("blocks.9.hook_resid_post", 8)
-    with pytest.raises(ValueError, match="exclude"):
-        store.batches(HA, 8, exclude=["sinks"])
+
+
+SEGS = "text, example_input, example_output, test_input, answer"
+
+
+@pytest.mark.parametrize(
+    "hooks, kw, message",
+    [
+        (HA, {"epochs": 0}, "epochs: 0 is impossible; it must be >= 1, or None to repeat forever"),
+        (HA, {"epochs": -2}, "epochs: -2 is impossible; it must be >= 1, or None to repeat forever"),
+        (HA, {"batch_size": 0}, "batch_size: 0 is impossible; it must be >= 1"),
+        (HA, {"batch_size": -8}, "batch_size: -8 is impossible; it must be >= 1"),
+        (HA, {"process_count": 0}, "process_count: 0 is impossible; it must be >= 1"),
+        (
+            HA,
+            {"process_index": 2, "process_count": 2},
+            "process_index: 2 is impossible; it must be in [0, process_count=2)",
+        ),
+        (HA, {"process_index": -1}, "process_index: -1 is impossible; it must be in [0, process_count=1)"),
+        (HA, {"buffer_chunks": 0}, "buffer_chunks: 0 is impossible; it must be >= 1"),
+        (HA, {"prefetch": 0}, "prefetch: 0 is impossible; it must be >= 1"),
+        (HA, {"workers": 0}, "workers: 0 is impossible; it must be >= 1"),
+        (HA, {"outlier_factor": 1}, "outlier_factor: 1 is impossible; it must be > 1 (a multiple of the median norm)"),
+        (
+            HA,
+            {"outlier_factor": 0.5},
+            "outlier_factor: 0.5 is impossible; it must be > 1 (a multiple of the median norm)",
+        ),
+        (
+            HA,
+            {"outlier_factor": float("nan")},
+            "outlier_factor: nan is impossible; it must be > 1 (a multiple of the median norm)",
+        ),
+        (HA, {"phase": "generate"}, "phase: 'generate' is not one of prefill, decode, None"),
+        (HA, {"segment": "test_output"}, f"segment: 'test_output' is not one of this run's segments: {SEGS}"),
+        (HA, {"segment": ["answer", "grid"]}, f"segment: 'grid' is not one of this run's segments: {SEGS}"),
+        (HA, {"exclude": ["first_token", "sinks"]}, "exclude: 'sinks' is not one of first_token, outliers"),
+        (HA, {"normalize": "zscore"}, "normalize: 'zscore' is not one of scale, center, None"),
+        ([], {}, "hooks: none given; pass a hook name or a list of hook names"),
+        ([HA, HB, HA], {}, f"hooks: {HA!r} repeated; give each hook once"),
+        (
+            "blocks.9.hook_resid_post",
+            {},
+            f"hooks: hook 'blocks.9.hook_resid_post' not in store; hooks: {HA}, {HB}",
+        ),
+        (
+            [HA, "blocks.9.hook_resid_post"],
+            {"exclude": ["outliers"]},
+            f"hooks: hook 'blocks.9.hook_resid_post' not in store; hooks: {HA}, {HB}",
+        ),
+    ],
+)
+def test_impossible_options_are_refused_when_built(store, hooks, kw, message):
+    with pytest.raises(FieldError, match=f"^{re.escape(message)}$") as e:
+        store.batches(hooks, kw.pop("batch_size", 8), **kw)
+    assert isinstance(e.value, HarvestError) and isinstance(e.value, ValueError)
+    assert e.value.field == message.split(":")[0]
+
+
+def test_empty_selection_is_refused(store):
+    n = f"{store.num_tokens:,}"
+    # prefill tokens are never in the answer segment (helpers/stores.py)
+    with pytest.raises(LoaderError) as e:
+        store.batches(HA, 8, phase="prefill", segment="answer")
+    assert str(e.value) == (
+        f"no rows match phase='prefill', segment=('answer',), exclude=('first_token',) in {store.root} "
+        f"({n} rows before filtering); loosen the filters"
+    )
+    assert isinstance(e.value, HarvestError) and isinstance(e.value, ValueError)
+    with pytest.raises(LoaderError, match=re.escape("segment=(), exclude=('first_token',) in")):
+        store.batches(HA, 8, segment=[])
+
+
+def test_empty_store_is_refused(tmp_path):
+    write_run_metadata(tmp_path, {})  # a harvest that has started but committed no shard yet
+    s = open_store(tmp_path)
+    for kw in ({}, {"exclude": ()}):  # exclude=() reads no token column: still refused
+        with pytest.raises(LoaderError, match=f"^{re.escape(str(tmp_path))} has no committed shards; there is"):
+            s.batches(HA, 8, **kw)
+
+
+def test_a_process_without_batches_is_refused(store):
+    S = int((~store.tokens("first_token")).sum())
+    B = S // 3 + 1  # every process gets S // 3 rows: not one full batch
+    with pytest.raises(LoaderError) as e:
+        store.batches(HA, B, drop_last=True, process_index=1, process_count=3)
+    assert str(e.value) == (
+        f"process_index=1 of process_count=3 gets {S // 3:,} of the {S:,} selected rows per epoch, fewer than "
+        f"batch_size={B}, so drop_last=True leaves it no batch; lower batch_size or process_count"
+    )
+    assert len(store.batches(HA, B - 1, drop_last=True, process_index=1, process_count=3)) == 1  # just enough
+    # more processes than rows: the first ones get none, even without drop_last (or epochs=None would spin)
+    with pytest.raises(LoaderError) as e:
+        store.batches(HA, 8, process_index=0, process_count=S + 1, epochs=None)
+    assert str(e.value) == (
+        f"process_index=0 of process_count={S + 1} gets none of the {S:,} selected rows per epoch; "
+        "lower process_count or loosen the filters"
+    )
+    assert len(store.batches(HA, 8, process_index=S, process_count=S + 1)) == 1
 
 
 def test_drop_last_gives_equal_full_batches(store):

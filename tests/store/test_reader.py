@@ -131,6 +131,7 @@ def test_chunk_index_covers_every_row_once(tmp_path):
 
 
 def test_empty_and_missing_store(tmp_path):
+    (tmp_path / "commits").mkdir()  # a run that has committed nothing yet
     s = open_store(tmp_path)
     assert s.num_tokens == 0 and s.num_sequences == 0 and s.hooks == [] and s.metadata == {}
     assert len(s.sequences) == 0

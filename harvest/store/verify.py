@@ -1,0 +1,257 @@
+"""Checking a run folder end to end (`harvest verify`), moving damage aside (`--repair`), and
+describing a run (`harvest info`).
+
+verify_run compares every commit record with its shard's files (present, sizes, whole-file crc32c),
+reports orphan shards, crash leftovers and a run.json that disagrees with the shards, and with
+deep=True decodes every chunk of every array (each chunk's own crc32c included) and checks the
+shapes and sequence ids against the commit record. repair_run moves each damaged shard and its
+commit record into RUN/quarantine/<time>/ (commit record first, so a crash mid-repair never leaves
+a visible damaged shard), then removes leftovers as a resume would: re-running the harvest then
+regenerates exactly the sequences of the quarantined shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import zarr
+
+from harvest.store.format import FORMAT_VERSION, PHASES, StoreLayout
+from harvest.store.integrity import check_files
+from harvest.store.reader import check_run_folder, data_file
+from harvest.store.runfolder import (
+    StoreError,
+    find_leftovers,
+    lock_run,
+    read_commits,
+    read_json,
+    read_run_metadata,
+    scan_run,
+)
+
+__all__ = ["Finding", "VerifyReport", "verify_run", "repair_run", "run_info"]
+
+# Findings that make a shard untrustworthy: repair quarantines the shard and re-harvests it.
+SHARD_DAMAGE = ("damaged", "commit", "duplicate")
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    kind: str  # "damaged" | "commit" | "duplicate" | "orphan" | "leftover" | "run.json"
+    path: str  # relative to the run folder
+    detail: str
+    shard: int | None = None
+
+    def line(self) -> str:
+        return f"{self.kind}: {self.path}: {self.detail}"
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    root: Path
+    deep: bool
+    shards: int = 0  # commit records read
+    files: int = 0  # files checked against a manifest
+    bytes: int = 0  # bytes checksummed
+    legacy_shards: int = 0  # format version 1: no manifest, existence (and, deep, decoding) only
+    findings: list[Finding] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def damaged_shards(self) -> list[int]:
+        return sorted({f.shard for f in self.findings if f.kind in SHARD_DAMAGE and f.shard is not None})
+
+
+def _commit_records(layout: StoreLayout, report: VerifyReport) -> dict[int, dict]:
+    out = {}
+    if not layout.commits_dir.is_dir():
+        return out
+    for p in sorted(layout.commits_dir.iterdir()):
+        i = StoreLayout.commit_index(p.name)
+        if i is None:
+            continue
+        report.shards += 1
+        try:
+            rec = read_json(p, "commit record", "")
+            if not isinstance(rec, dict) or not {"num_tokens", "sequence_ids", "hooks", "path"} <= rec.keys():
+                raise StoreError("the commit record lacks its fields")
+        except StoreError as e:
+            report.findings.append(Finding("commit", _rel(layout, p), str(e).split(": ", 1)[-1].rstrip("; "), i))
+            continue
+        out[i] = rec
+    return out
+
+
+def _rel(layout: StoreLayout, p: Path) -> str:
+    return p.relative_to(layout.root).as_posix()
+
+
+def _check_run_json(layout: StoreLayout, commits: dict[int, dict], report: VerifyReport) -> None:
+    if not layout.run_json.is_file():
+        if commits:
+            report.findings.append(Finding("run.json", "run.json", "missing: the run's config and provenance are lost"))
+        return
+    try:
+        meta = read_run_metadata(layout.root)
+    except StoreError as e:
+        report.findings.append(Finding("run.json", "run.json", str(e).split(": ", 1)[-1]))
+        return
+    hooks = meta.get("hooks")
+    for i, rec in commits.items():
+        if hooks is not None and rec["hooks"] != hooks:
+            report.findings.append(
+                Finding("run.json", "run.json", f"hooks {sorted(hooks)} differ from shard {i}'s {sorted(rec['hooks'])}")
+            )
+            return
+
+
+def _check_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) -> bool:
+    """Files against the manifest; True if the shard may be decoded."""
+    shard = layout.root / rec["path"]
+    name = _rel(layout, shard)
+    if rec.get("format_version", 1) > FORMAT_VERSION:
+        report.findings.append(
+            Finding("commit", name, f"format version {rec['format_version']} is newer than this harvest", i)
+        )
+        return False
+    if not shard.is_dir():
+        report.findings.append(Finding("damaged", name, "the shard folder is missing", i))
+        return False
+    files = rec.get("files")
+    if files is None:
+        report.legacy_shards += 1
+        return True
+    problems = check_files(shard, files, checksum=lambda rel: True, unlisted=True)
+    report.files += len(files)
+    report.bytes += sum(size for size, _ in files.values())
+    for p in problems:
+        report.findings.append(Finding("damaged", f"{name}/{p.path}", p.detail, i))
+    return not problems
+
+
+def _decode_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) -> None:
+    """Decode every chunk of every array; check lengths, widths and sequence ids against the record."""
+    shard = layout.root / rec["path"]
+    name = _rel(layout, shard)
+    n, sids = rec["num_tokens"], rec["sequence_ids"]
+
+    def bad(file: str, detail: str) -> None:
+        report.findings.append(Finding("damaged", f"{name}/{file}", detail, i))
+
+    try:
+        group = zarr.open_group(str(shard), mode="r")
+    except Exception as e:
+        return bad("zarr.json", f"cannot open: {type(e).__name__}: {e}")
+    arrays = [(a, arr) for a, arr in group.arrays()]
+    arrays += [(f"sequences/{a}", arr) for a, arr in group["sequences"].arrays()] if "sequences" in group else []
+    want_hooks = rec["hooks"]
+    acts = group["acts"] if "acts" in group else None
+    arrays += [(f"acts/{h}", acts[h]) for h in want_hooks if acts is not None and h in acts]
+    missing = [h for h in want_hooks if acts is None or h not in acts]
+    for h in missing:
+        bad(f"acts/{h}", "the hook's array is missing")
+    for a, arr in arrays:
+        try:
+            if a.startswith("acts/"):
+                if arr.shape != (n, want_hooks[a[5:]]):
+                    bad(a, f"shape {arr.shape}, the commit record says ({n}, {want_hooks[a[5:]]})")
+                    continue
+                step = arr.chunks[0]
+                for start in range(0, n, step):
+                    arr[start : start + step]
+            else:
+                values = arr[...]
+                want = len(sids) if a.startswith("sequences/") else n
+                if len(values) != want:
+                    bad(data_file(a), f"{len(values)} rows, the commit record says {want}")
+                elif a == "sequences/sequence_id" and [int(v) for v in values] != list(sids):
+                    bad(data_file(a), "sequence ids differ from the commit record")
+        except Exception as e:
+            bad(data_file(a), f"cannot decode: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+
+
+def verify_run(root, deep: bool = False, progress: Callable | None = None) -> VerifyReport:
+    """Check a run folder; progress(iterable, total) may wrap the shard loop (e.g. tqdm)."""
+    layout = StoreLayout(Path(root))
+    check_run_folder(layout)
+    report = VerifyReport(layout.root, deep)
+    commits = _commit_records(layout, report)
+    _check_run_json(layout, commits, report)
+    seen: dict[int, int] = {}
+    items = list(commits.items())
+    for i, rec in progress(items, len(items)) if progress else items:
+        repeated = sorted(set(rec["sequence_ids"]) & seen.keys())
+        if repeated:
+            also = f"sequence ids {repeated[:5]} are also in shard {seen[repeated[0]]}"
+            report.findings.append(Finding("duplicate", rec["path"], also, i))
+            continue
+        seen.update(dict.fromkeys(rec["sequence_ids"], i))
+        if _check_shard(layout, i, rec, report) and deep:
+            _decode_shard(layout, i, rec, report)
+    for p in find_leftovers(layout, set(commits) | {f.shard for f in report.findings if f.kind == "commit"}):
+        kind = "orphan" if StoreLayout.shard_index(p.name) is not None else "leftover"
+        detail = "shard without a commit record" if kind == "orphan" else "temporary file of an interrupted write"
+        report.findings.append(Finding(kind, _rel(layout, p), detail))
+    return report
+
+
+def repair_run(report: VerifyReport) -> list[str]:
+    """Quarantine the damaged shards of a verify report, then remove leftovers. -> what was done.
+
+    Holds the run's lock, so it never races a live harvest. run.json findings are not repairable
+    here (the run's config cannot be rebuilt from its shards): they stay in the report."""
+    layout = StoreLayout(report.root)
+    done = []
+    with lock_run(layout.root):
+        bad = report.damaged_shards()
+        if bad:
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
+            dest = layout.quarantine_dir / stamp
+            dest.mkdir(parents=True, exist_ok=True)
+            for i in bad:
+                for p in (layout.commit_path(i), layout.shard_path(i)):  # the commit record first
+                    if p.exists():
+                        os.rename(p, dest / p.name)
+                        done.append(f"moved {_rel(layout, p)} to {_rel(layout, dest / p.name)}")
+        done += [f"removed {rel}" for rel in scan_run(layout.root).removed]
+    return done
+
+
+def run_info(root) -> dict:
+    """What a run holds, from its commit records and run.json (no activation is read)."""
+    layout = StoreLayout(Path(root))
+    check_run_folder(layout)
+    commits = read_commits(layout.root)
+    meta = read_run_metadata(layout.root) if layout.run_json.is_file() else {}
+    recs = list(commits.values())
+    phases = {p: sum(r.get("tokens_per_phase", {}).get(p, 0) for r in recs) for p in PHASES}
+    acts_bytes = sum(r.get("acts_bytes", 0) for r in recs)
+    raw = sum(r.get("acts_raw_bytes", 0) for r in recs)
+    leftovers = [_rel(layout, p) for p in find_leftovers(layout, set(commits))]
+    quarantined = sorted(_rel(layout, p) for p in layout.quarantine_dir.glob("*/*"))
+    return {
+        "root": str(layout.root),
+        "format_versions": sorted({r.get("format_version", 1) for r in recs}),
+        "shards": len(recs),
+        "sequences": sum(r["num_sequences"] for r in recs),
+        "tokens": sum(r["num_tokens"] for r in recs),
+        "tokens_per_phase": phases,
+        "hooks": recs[0]["hooks"] if recs else meta.get("hooks", {}),
+        "storage_dtype": recs[0]["storage_dtype"] if recs else None,
+        "codec": recs[0]["codec"] if recs else None,
+        "bytes_on_disk": sum(r.get("bytes", 0) for r in recs),
+        "acts_bytes": acts_bytes,
+        "compression_ratio": raw / acts_bytes if acts_bytes else float("nan"),
+        "model": meta.get("model", {}).get("source"),
+        "dataset": {k: meta.get("dataset", {}).get(k) for k in ("source", "split")},
+        "sessions": meta.get("sessions", []),
+        "leftovers": leftovers,
+        "quarantined": quarantined,
+        "finished": meta.get("finished"),
+    }
