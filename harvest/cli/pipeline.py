@@ -16,7 +16,7 @@ import shutil
 import time
 from pathlib import Path
 
-from harvest import arc
+from harvest import arc, failpoints
 from harvest.cli import provenance
 from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys
 from harvest.cli.records import RecordBuilder, read_answer
@@ -249,6 +249,7 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     bar = _progress(cfg, len(todo), len(scan.committed_sequence_ids))
     with writer:
         for done in work.generator.stream((s.sequence_id, work.prompts[s.sequence_id].token_ids) for s in todo):
+            failpoints.hit("pipeline.sequence")  # mid-run: the engine holds live rows, the writer queued ones
             seq = by_id[done.sequence_id]
             writer.put(lambda d=done, s=seq: [work.records.record(d, s, work.prompts[s.sequence_id])])
             counts["prompt_tokens"] += done.prompt_length
@@ -268,6 +269,7 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     elapsed = time.perf_counter() - t0
     bar.close()
     summary = summarize(out, work, cfg, stats, counts, elapsed, engine)
+    failpoints.hit("pipeline.summary")  # every shard committed, run.json and summary.json not yet final
     meta["finished"] = session["finished"] = provenance.now()
     session["sequences"] = stats.sequences_written
     meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}

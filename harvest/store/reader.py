@@ -204,6 +204,8 @@ class StoreReader:
         its size, and the crc32c of its zarr.json files (chunks carry their own checksums)."""
         if k not in self._groups:
             sh = self.shards[k]
+            if not sh.path.is_dir():
+                raise self.damaged(k, "", "the shard folder is missing")
             if sh.files is not None:
                 problems = check_files(sh.path, sh.files, checksum=is_metadata)
                 if problems:
@@ -225,8 +227,8 @@ class StoreReader:
         shard folder) and points at `harvest verify`."""
         sh = self.shards[k]
         return StoreError(
-            f"{self.root}: shard {sh.index} is damaged: {sh.path.name}/{file}: {detail}; "
-            f"run `harvest verify {self.root}` (--repair re-harvests it)"
+            f"{self.root}: shard {sh.index} is damaged: {f'{sh.path.name}/{file}' if file else sh.path.name}: "
+            f"{detail}; run `harvest verify {self.root}` (--repair sets it aside for the next harvest to redo)"
         )
 
     @contextlib.contextmanager
@@ -249,9 +251,13 @@ class StoreReader:
         if self._table_cache is None:
             tables = []
             for k in range(len(self.shards)):
-                group = self.group(k)
-                with self.reading(k, "sequences"):
-                    tables.append({name: _plain(arr[...]) for name, arr in group["sequences"].arrays()})
+                with self.reading(k, "sequences/zarr.json"):
+                    arrays = list(self.group(k)["sequences"].arrays())
+                table = {}
+                for name, arr in arrays:
+                    with self.reading(k, data_file(f"sequences/{name}")):
+                        table[name] = _plain(arr[...])
+                tables.append(table)
             self._table_cache = tables
         return self._table_cache
 

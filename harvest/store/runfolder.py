@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from harvest import failpoints
 from harvest.errors import HarvestError
 from harvest.store.format import TMP_MARK, StoreLayout
 
@@ -45,8 +46,9 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
-    """tmp file + rename: readers see the old file, the new file, or nothing; never half a file."""
+def write_json_atomic(path: Path, obj: Any, fsync: bool = True, failpoint: str | None = None) -> None:
+    """tmp file + rename: readers see the old file, the new file, or nothing; never half a file.
+    failpoint names the crash points before and after the rename (harvest.failpoints)."""
     tmp = tmp_path(path)
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True, default=json_default)
@@ -54,7 +56,11 @@ def write_json_atomic(path: Path, obj: Any, fsync: bool = True) -> None:
         if fsync:
             f.flush()
             os.fsync(f.fileno())
+    if failpoint:
+        failpoints.hit(f"{failpoint}.before_rename")
     os.replace(tmp, path)
+    if failpoint:
+        failpoints.hit(f"{failpoint}.renamed")
     if fsync:
         fsync_path(path.parent, directory=True)
 
@@ -73,7 +79,7 @@ def write_run_metadata(run_dir: str | os.PathLike, meta: dict) -> None:
     """Write RUN/run.json atomically (the run loop calls this at start and again at the end)."""
     layout = StoreLayout(run_dir)
     layout.root.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(layout.run_json, meta)
+    write_json_atomic(layout.run_json, meta, failpoint="run_json")
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:
@@ -174,7 +180,10 @@ def scan_run(run_dir, clean: bool = True) -> ScanResult:
     seen: set[int] = set()
     for i, rec in commits.items():
         if not layout.shard_path(i).is_dir():
-            raise StoreError(f"{layout.commit_path(i)} exists but its shard {layout.shard_path(i)} is missing")
+            raise StoreError(
+                f"{layout.commit_path(i)} exists but its shard {layout.shard_path(i)} is missing; "
+                f"run `harvest verify --repair {layout.root}`, then the harvest again to regenerate it"
+            )
         ids = set(rec["sequence_ids"])
         if ids & seen:
             raise StoreError(f"shard {i} repeats sequence ids already committed: {sorted(ids & seen)[:5]}")

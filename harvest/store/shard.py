@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from harvest import failpoints
 from harvest.store.format import (
     CODECS,
     DERIVED_TOKEN_COLUMNS,
@@ -252,18 +253,21 @@ class ShardWriter:
             info["files"] = manifest(tmp)  # read back from the page cache: ~15 GB/s of crc32c
             if self.fsync:
                 fsync_tree(tmp)
+            failpoints.hit("shard.built")
             if final.exists():  # an uncommitted leftover of a crash: never visible, safe to drop
                 shutil.rmtree(final)
             os.rename(tmp, final)
             if self.fsync:
                 fsync_path(final.parent, directory=True)
+            failpoints.hit("shard.renamed")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         info["bytes"] = sum(size for size, _ in info["files"].values())
         info["acts_bytes"] = sum(size for rel, (size, _) in info["files"].items() if rel.startswith("acts/"))
         info["committed_at"] = time.time()
-        write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync)  # the commit point
+        # the commit point
+        write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync, failpoint="commit")
         return info
 
     def _build(self, path: Path, index: int, records: list[SequenceRecord]) -> dict:
@@ -328,6 +332,7 @@ class ShardWriter:
                 attributes={"hook": hook, "logical_dtype": self.storage_dtype},
             )
             arr[...] = data  # the whole shard in one write: no read-modify-write
+            failpoints.hit("shard.building")  # a crash (or a full disk) halfway through a shard
             raw += data.nbytes
         return {
             "format": FORMAT_NAME,

@@ -11,6 +11,7 @@ thread by the next `put` or by `close`.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import queue
 import threading
 import time
@@ -146,6 +147,11 @@ class BackgroundWriter:
     def _raise_if_failed(self) -> None:
         err = self._error
         if err is not None and not isinstance(err, _Aborted):
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise WriterError(
+                    f"disk full writing shard {self._next_index} of {self._shard.layout.root}: complete shards "
+                    f"are committed; free space and run the same command again to resume"
+                ) from err
             raise WriterError(f"background writer failed: {type(err).__name__}: {err}") from err
 
     # ------------------------------------------------------------ writer thread
