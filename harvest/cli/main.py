@@ -9,6 +9,7 @@ of user errors too.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -19,6 +20,12 @@ from harvest.cli import inspect
 from harvest.errors import HarvestError
 
 log = logging.getLogger("harvest")
+_MACHINE_ERRORS = {
+    errno.ENOSPC: "free space, then run the same command again to resume",
+    errno.EDQUOT: "free space within your quota, then run the same command again to resume",
+    errno.EROFS: "the file system is read-only; choose another output.path",
+    errno.EACCES: "permission denied; check the file's permissions",
+}
 
 
 def format_report(summary: dict, out: str) -> str:
@@ -99,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"harvest: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the machine's fault, not a bug: one line that names the file
+        if e.errno not in _MACHINE_ERRORS or os.environ.get("HARVEST_DEBUG") == "1":
+            raise
+        print(f"harvest: error: {e.filename or 'a file'}: {e.strerror}; {_MACHINE_ERRORS[e.errno]}", file=sys.stderr)
         return 2
 
 

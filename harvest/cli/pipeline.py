@@ -24,8 +24,8 @@ from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
 from harvest.store.api import open_store
-from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS, StoreLayout
-from harvest.store.runfolder import json_default, lock_run, read_run_metadata, scan_run, write_run_metadata
+from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS, TMP_MARK, StoreLayout
+from harvest.store.runfolder import lock_run, read_run_metadata, scan_run, write_json_atomic, write_run_metadata
 from harvest.store.writer import BackgroundWriter
 from harvest.weights.checkpoint import LoadedModel, describe, load_model
 
@@ -134,7 +134,8 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"output.path {str(out)!r} lies under the file {str(existing)!r}; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output.path {str(out)!r}: {str(existing)!r} is not writable; choose another path")
-    if out.is_dir() and {p.name for p in out.iterdir()} - StoreLayout(out).entries():
+    entries = StoreLayout(out).entries()
+    if out.is_dir() and {p.name.split(TMP_MARK)[0] for p in out.iterdir()} - entries:
         raise ConfigError(
             f"{out} exists and is not a harvest run folder; harvest will neither write into "
             f"nor delete it (--overwrite included): choose another output.path"
@@ -274,7 +275,7 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     session["sequences"] = stats.sequences_written
     meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
     write_run_metadata(out, meta)
-    StoreLayout(out).summary_json.write_text(json.dumps(summary, indent=2, default=json_default))
+    write_json_atomic(StoreLayout(out).summary_json, summary)
     return summary
 
 

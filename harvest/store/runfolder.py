@@ -151,9 +151,11 @@ def read_commits(run_dir) -> dict[int, dict]:
 
 
 def find_leftovers(layout: StoreLayout, committed: set[int]) -> list[Path]:
-    """What a crash leaves behind: temp shard dirs (`*.zarr.tmp-*`), temp commit files (`*.tmp-*`),
+    """What a crash leaves behind: temp shard dirs (`*.zarr.tmp-*`), temp commit and run.json files (`*.tmp-*`),
     `*.partial` files that zarr's local store can leave, and shard dirs without a commit record."""
     out: list[Path] = []
+    if layout.root.is_dir():  # run.json / summary.json written half-way (tmp file + rename)
+        out += [p for p in sorted(layout.root.iterdir()) if TMP_MARK in p.name and p.is_file()]
     if layout.commits_dir.is_dir():
         out += [p for p in sorted(layout.commits_dir.iterdir()) if TMP_MARK in p.name]
     if layout.shards_dir.is_dir():

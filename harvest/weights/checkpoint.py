@@ -28,7 +28,13 @@ import ml_dtypes
 import numpy as np
 
 from harvest.engine import params as P
-from harvest.engine.config import ModelConfig, ModelError, preset_hf_config
+from harvest.engine.config import (
+    SUPPORTED_ARCHITECTURES,
+    SUPPORTED_MODEL_TYPES,
+    ModelConfig,
+    ModelError,
+    preset_hf_config,
+)
 from harvest.engine.stopping import eos_ids_for
 
 log = logging.getLogger(__name__)
@@ -58,9 +64,11 @@ class LoadedModel:
             if self.weight_files and self.weight_files[0].suffix == ".gguf":
                 from harvest.weights.gguf_file import load_gguf_tokenizer
 
-                self._tokenizer = load_gguf_tokenizer(self.weight_files[0])
+                tok, origin = load_gguf_tokenizer(self.weight_files[0]), self.weight_files[0]
             else:
-                self._tokenizer = load_tokenizer(self.folder)
+                tok, origin = load_tokenizer(self.folder), self.folder
+            check_tokenizer_fits(tok, self.cfg.vocab_size, origin)
+            self._tokenizer = tok
         return self._tokenizer
 
     @functools.cached_property
@@ -139,23 +147,50 @@ def _download(repo_id: str) -> Path:
 
 
 def read_json(path: Path) -> dict:
+    """A JSON object from the model folder; ModelError naming the file, line and column otherwise."""
+    fix = "download the model again"
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from e
+        raise ModelError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); {fix}") from None
+    except UnicodeDecodeError as e:
+        raise ModelError(f"{path}: not UTF-8 text (byte {e.start}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object, got a {type(data).__name__}; {fix}")
+    return data
+
+
+def model_config(hf: dict, cfg_file: Path) -> ModelConfig:
+    """config.json -> ModelConfig; a ModelError naming the file if it is not a usable Qwen2 config."""
+    model_type, archs = hf.get("model_type"), hf.get("architectures") or []
+    if model_type not in SUPPORTED_MODEL_TYPES or (archs and not set(archs) & set(SUPPORTED_ARCHITECTURES)):
+        raise ModelError(
+            f"{cfg_file}: model_type {model_type!r} ({', '.join(map(str, archs)) or 'no architectures'}) is not "
+            f"Qwen2; harvest loads {', '.join(SUPPORTED_ARCHITECTURES)} checkpoints only"
+        )
+    try:
+        return ModelConfig.from_hf(hf)
+    except ModelError as e:
+        raise ModelError(f"{cfg_file}: {e}") from None
+    except KeyError as e:
+        raise ModelError(
+            f"{cfg_file} lacks {e.args[0]!r}, which every Qwen2 config.json has; download it again"
+        ) from None
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"{cfg_file}: a size or setting is not a number ({e}); download it again") from None
 
 
 def _load_folder(folder: Path, source: str, dtype: str, jdtype) -> LoadedModel:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise ModelError(f"no config.json in {folder}; is this a Hugging Face model folder?")
+        raise ModelError(f"no config.json in {folder}; give a Hugging Face model folder (config.json + *.safetensors)")
     hf = read_json(cfg_file)
     if hf.get("auto_map"):
         raise ModelError(
             f"{folder} needs custom code (auto_map); harvest never runs trust_remote_code "
             f"and supports Qwen2ForCausalLM only"
         )
-    cfg = ModelConfig.from_hf(hf)
+    cfg = model_config(hf, cfg_file)
     files = safetensors_files(folder)
     with TensorIndex(files) as tensors:
         leaves = {leaf.path: tensors.load(leaf.hf_name, leaf.shape, jdtype) for leaf in P.iter_specs(cfg)}
@@ -181,7 +216,7 @@ def safetensors_files(folder: Path) -> list[Path]:
             f"{folder} has only pickle weights (.bin/.pt), which harvest refuses to load; "
             f"convert them to safetensors first"
         )
-    raise ModelError(f"no *.safetensors weights in {folder}")
+    raise ModelError(f"no *.safetensors weights in {folder}; download the checkpoint's .safetensors files into it")
 
 
 class TensorIndex:
@@ -199,6 +234,7 @@ class TensorIndex:
             for name, entry in _read_header(f).items():
                 self._entries[name] = (f, *entry)
         self._maps: dict[Path, np.memmap] = {}
+        self._where = str(files[0]) if len(files) == 1 else f"{files[0].parent} ({len(files)} safetensors files)"
 
     def __enter__(self) -> TensorIndex:
         return self
@@ -212,12 +248,21 @@ class TensorIndex:
     def host_view(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         """The tensor in its stored dtype: a read-only view of the memory map, no copy."""
         if name not in self._entries:
-            raise ModelError(f"checkpoint has no tensor {name!r}")
+            raise ModelError(
+                f"{self._where}: checkpoint has no tensor {name!r}, which config.json implies; "
+                f"the weights are incomplete or belong to another model"
+            )
         f, stored, stored_shape, start, end = self._entries[name]
         if stored not in _SAFETENSORS_DTYPES:
-            raise ModelError(f"tensor {name!r} has unsupported dtype {stored}")
+            raise ModelError(
+                f"{f}: tensor {name!r} has unsupported dtype {stored}; harvest loads float weights "
+                f"({', '.join(_SAFETENSORS_DTYPES)}), not quantized ones"
+            )
         if stored_shape != tuple(shape):
-            raise ModelError(f"tensor {name!r} has shape {stored_shape}, config implies {tuple(shape)}")
+            raise ModelError(
+                f"{f}: tensor {name!r} has shape {stored_shape}, config.json implies {tuple(shape)}; "
+                f"config.json and the weights belong to different models"
+            )
         if f not in self._maps:
             self._maps[f] = np.memmap(f, dtype=np.uint8, mode="r")
         return self._maps[f][start:end].view(_SAFETENSORS_DTYPES[stored]).reshape(shape)
@@ -235,7 +280,7 @@ def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     """{name: (dtype, shape, start, end)} with absolute byte offsets; a damaged file -> one-line ModelError."""
 
     def bad(why: str) -> ModelError:
-        return ModelError(f"{f} is not a readable safetensors file: {why}")
+        return ModelError(f"{f} is not a readable safetensors file: {why}; download it again")
 
     try:
         size = f.stat().st_size
@@ -246,7 +291,11 @@ def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
             if n > size - 8:
                 raise bad(f"the header claims {n} bytes but the file has {size} (truncated?)")
             header = json.loads(fh.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except UnicodeDecodeError as e:
+        raise bad(f"its header is garbled (byte {e.object[e.start]:#04x} at offset {8 + e.start} is not UTF-8)") from e
+    except json.JSONDecodeError as e:
+        raise bad(f"its header is not valid JSON ({e.msg} at offset {8 + e.pos})") from e
+    except OSError as e:
         raise bad(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}") from e
     if not isinstance(header, dict):
         raise bad("the header is not a JSON object")
@@ -267,15 +316,37 @@ def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
     return out
 
 
+def has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
+
+
 def load_tokenizer(folder: Path | None):
     """The checkpoint's own tokenizer, else the packaged Qwen2 one (random presets, bare test folders)."""
     from transformers import AutoTokenizer
 
-    if folder is not None and ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+    if folder is not None and has_tokenizer(folder):
         return AutoTokenizer.from_pretrained(str(folder))
     if folder is not None:
         log.warning("no tokenizer in %s; using the packaged Qwen2 tokenizer", folder)
     return AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER))
+
+
+def check_tokenizer_fits(tok, vocab_size: int, origin: Path | None) -> None:
+    """Every id the tokenizer can give must have an embedding row: an id past the table would not fail
+    but silently read another row (JAX clamps out-of-range gathers), so every number would be wrong.
+    `origin` is the model folder or .gguf file (None for presets)."""
+    n = len(tok)
+    if n <= vocab_size:
+        return
+    if origin is not None and origin.is_dir() and not has_tokenizer(origin):
+        raise ModelError(
+            f"{origin} has no tokenizer (tokenizer.json or vocab.json), and the packaged Qwen2 tokenizer's {n} "
+            f"tokens do not fit its vocab_size {vocab_size}; copy the checkpoint's tokenizer files into it"
+        )
+    raise ModelError(
+        f"{origin or 'the model'}: the tokenizer has {n} tokens but the model's vocab_size is {vocab_size}; "
+        f"use the tokenizer that came with these weights"
+    )
 
 
 def describe(lm: LoadedModel) -> dict[str, Any]:

@@ -45,7 +45,10 @@ def test_bad_task_files_are_skipped_with_reasons(tmp_path):
     tasks, skipped = load_tasks("folder", path=tmp_path)
     assert [t.id for t in tasks] == ["good"]
     why = {s.task_id: s.reason for s in skipped}
-    assert "not valid JSON" in why["notjson"]
+    assert (
+        why["notjson"]
+        == f"{tmp_path / 'notjson.json'}:1:2: not valid JSON (Expecting property name enclosed in double quotes)"
+    )
     assert "missing key 'test'" in why["nokey"]
     assert "not a non-empty list" in why["empty"] and "row 0" in why["emptyrow"]
     assert "= 10 is not an integer 0..9" in why["ten"]
@@ -57,11 +60,17 @@ def test_bad_task_files_are_skipped_with_reasons(tmp_path):
 
 def test_nothing_usable_raises_one_line(tmp_path):
     _write(tmp_path, "ten", _with([[10]]))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError) as e:
         load_tasks("folder", path=tmp_path)
-    assert "no usable ARC tasks" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="not found"):
+    assert str(e.value) == (
+        f"no usable ARC tasks in {tmp_path}: 1 skipped, first {tmp_path / 'ten.json'}: "
+        "train[0].input: cell (0,0) = 10 is not an integer 0..9; fix or remove the bad tasks"
+    )
+    with pytest.raises(ValueError, match="does not exist"):
         load_tasks("folder", path=tmp_path / "missing")
+    with pytest.raises(ValueError, match="holds no .json task files"):
+        load_tasks("folder", path=tmp_path / "empty")
     with pytest.raises(ValueError, match="unknown ARC source"):
         load_tasks("nope")
 
@@ -120,5 +129,19 @@ def test_selection(tmp_path):
     assert ids(load_tasks("folder", path=tmp_path, seed=1, limit=3)[0]) == ids(a)[:3]
     sel, skipped = load_tasks("folder", path=tmp_path, task_ids=["t3", "t1", "bad"], seed=None)
     assert ids(sel) == ["t3", "t1"] and [s.task_id for s in skipped] == ["bad"]
-    with pytest.raises(ValueError, match="unknown ARC task ids: zz, yy"):
+    with pytest.raises(ValueError, match=f"unknown ARC task ids in {tmp_path}: zz, yy; give ids that exist there"):
         load_tasks("folder", path=tmp_path, task_ids=["t1", "zz", "yy"])
+
+
+def test_unreadable_json_source_names_file_line_and_column(tmp_path):
+    (tmp_path / "tasks.json").write_text('{"a":\n  [1,\n}')
+    with pytest.raises(ValueError) as e:
+        load_tasks("json", path=tmp_path / "tasks.json")
+    assert str(e.value) == f"{tmp_path / 'tasks.json'}:3:1: not valid JSON (Expecting value); fix the file"
+    (tmp_path / "tasks.json").write_text(json.dumps({"a": {"train": GOOD["train"]}}))
+    with pytest.raises(ValueError) as e:
+        load_tasks("json", path=tmp_path / "tasks.json")
+    assert str(e.value) == (
+        f"no usable ARC tasks in {tmp_path / 'tasks.json'}: 1 skipped, first {tmp_path / 'tasks.json'} task 'a': "
+        "missing key 'test' (a task needs 'train' and 'test' lists of input/output pairs); fix or remove the bad tasks"
+    )

@@ -100,7 +100,10 @@ def test_generation_config_eos_ids(hf_tiny, tmp_path):
     "case, message",
     [
         ("missing", "does not exist"),
-        ("llama", "unsupported architecture 'LlamaForCausalLM'"),
+        ("llama", r"config.json: model_type 'llama' \(LlamaForCausalLM\) is not Qwen2"),
+        ("truncated_config", r"config.json:\d+:\d+: not valid JSON \("),
+        ("config_lacks_key", r"config.json lacks 'hidden_size'"),
+        ("no_weights", "no \\*.safetensors weights in"),
         ("bin_only", "pickle weights"),
         ("remote_code", "trust_remote_code"),
         ("no_config", "no config.json"),
@@ -114,14 +117,26 @@ def test_bad_inputs_fail_with_one_line(case, message, tmp_path, hf_tiny, monkeyp
     path, dtype = str(tmp_path / "m"), "float32"
     if case == "missing":
         path = str(tmp_path / "nope")
-    elif case in ("llama", "bin_only", "remote_code", "no_config"):
+    elif case in (
+        "llama",
+        "bin_only",
+        "remote_code",
+        "no_config",
+        "truncated_config",
+        "config_lacks_key",
+        "no_weights",
+    ):
         shutil.copytree(folder, path)
         cfg = json.loads((tmp_path / "m" / "config.json").read_text())
         if case == "llama":
             cfg.update(model_type="llama", architectures=["LlamaForCausalLM"])
         if case == "remote_code":
             cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}
-        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+        if case == "config_lacks_key":
+            del cfg["hidden_size"]
+        (tmp_path / "m" / "config.json").write_text(json.dumps(cfg)[: 100 if case == "truncated_config" else None])
+        if case == "no_weights":
+            (tmp_path / "m" / "model.safetensors").unlink()
         if case == "bin_only":
             (tmp_path / "m" / "model.safetensors").rename(tmp_path / "m" / "pytorch_model.bin")
         if case == "no_config":
@@ -177,7 +192,7 @@ def damage(folder, how: str) -> str:
         return f"checkpoint has no tensor '{up}'"
     if how == "wrong_shape":
         rewrite_weights(folder, lambda t: t.__setitem__(up, t[up][:-1]))
-        return f"tensor '{up}' has shape (159, 64), config implies (160, 64)"
+        return f"tensor '{up}' has shape (159, 64), config.json implies (160, 64)"
     if how == "int_dtype":
         rewrite_weights(folder, lambda t: t.__setitem__(q_b, t[q_b].astype(np.int8)))
         return f"tensor '{q_b}' has unsupported dtype I8"
@@ -231,3 +246,15 @@ def test_every_float_dtype_is_cast_on_load(dtype, hf_tiny, tmp_path):
         assert x.dtype == jnp.dtype(dtype), name
         want = ref[name].astype(stored[name]).astype(jnp.dtype(dtype))
         np.testing.assert_array_equal(np.asarray(x), want, err_msg=name)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(hf_tiny, tmp_path):
+    """Ids past vocab_size would silently read clamped embedding rows: refuse, naming the folder."""
+    _, folder = hf_tiny
+    lm = load_model(str(folder), "float32")
+    with pytest.raises(ModelError) as e:
+        _ = lm.tokenizer
+    assert str(e.value) == (
+        f"{folder} has no tokenizer (tokenizer.json or vocab.json), and the packaged Qwen2 tokenizer's 151936 "
+        f"tokens do not fit its vocab_size 512; copy the checkpoint's tokenizer files into it"
+    )

@@ -216,3 +216,10 @@ def test_version_1_store_still_reads(tmp_path, capsys):
     assert "2 shards are format version 1: no checksums to compare" in capsys.readouterr().out
     assert main(["info", str(root)]) == 0
     assert "(format 1)" in capsys.readouterr().out
+
+
+def test_every_file_kind_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "RELIABILITY.md").read_text()
+    for kind, rel in FILE_KINDS.items():
+        shown = rel.replace(HA, "<hook>").replace(HB, "<hook 2>")
+        assert f"| {kind}: `{shown}` |" in doc, kind
