@@ -1,6 +1,6 @@
 """How much do runtime settings change fp32 activations? (docs/FORMAT.md, "Runtime settings and bits")
 
-    python bench/runtime_invariance.py [--model FOLDER|random:tiny] [--tasks 6] [--new 48]
+    python bench/runtime_invariance.py [--model FOLDER|random:tiny] [--tasks 6] [--new 48] [--hooks H ...]
 
 runtime.* keys may change between sessions of one run, because they schedule the work: which rows
 share a prefill call or a decode step, how prompts are cut into chunks. The math per row is the
@@ -29,12 +29,12 @@ DEFAULT = os.path.expanduser("~/.cache/harvest-fixtures/qwen2.5-coder-0.5b-instr
 OTHER = {"batch_size": 1, "decode_slots": 2, "prefill_chunk": 64, "tail_slots": 0}
 
 
-def harvest(model: str, out: Path, tasks: int, new: int, runtime: dict) -> None:
+def harvest(model: str, out: Path, tasks: int, new: int, hooks: list[str], runtime: dict) -> None:
     raw = {
         "model": {"path": model, "dtype": "float32"},
         "data": {"limit": tasks, "max_prompt_tokens": 2048},
         "generation": {"max_new_tokens": new},
-        "capture": {"hooks": ["blocks.*.hook_resid_post"], "dtype": "float32", "phases": ["prefill", "decode"]},
+        "capture": {"hooks": hooks, "dtype": "float32", "phases": ["prefill", "decode"]},
         "runtime": {"progress": False, **runtime},
         "output": {"path": str(out)},
     }
@@ -71,11 +71,12 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT if os.path.isdir(DEFAULT) else "random:tiny")
     ap.add_argument("--tasks", type=int, default=6)
     ap.add_argument("--new", type=int, default=48)
+    ap.add_argument("--hooks", nargs="+", default=["blocks.*.hook_resid_post"])
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base, other = Path(tmp) / "defaults", Path(tmp) / "other"
-        harvest(args.model, base, args.tasks, args.new, {})
-        harvest(args.model, other, args.tasks, args.new, OTHER)
+        harvest(args.model, base, args.tasks, args.new, args.hooks, {})
+        harvest(args.model, other, args.tasks, args.new, args.hooks, OTHER)
         print(f"model {args.model}; runtime defaults vs {OTHER}")
         compare(open_store(base), open_store(other))
 

@@ -60,8 +60,12 @@ def _direct(store: StoreReader, k: int, hook: str) -> _Direct | None:
         tuple(inner[:-1] if checked else inner)
     )
     path = os.path.join(store.shards[k].path, "acts", hook, "c", "0", "0")
-    if codec is None or not os.path.isfile(path):
-        return None  # zarr reads it (a missing file of a version-2 shard was refused when it opened)
+    if codec is None:
+        return None
+    if not os.path.isfile(path):
+        if checked:  # version 2 writes every file: a missing one is damage, never "all zeros"
+            raise store.damaged(k, data_file(f"acts/{hook}"), "file is missing")
+        return None  # version 1: zarr reads it as the fill value, as it always did
     n_chunks = arr.shards[0] // arr.chunks[0]
     with open(path, "rb") as f:
         f.seek(-(16 * n_chunks + 4), os.SEEK_END)

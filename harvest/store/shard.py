@@ -306,13 +306,25 @@ class ShardWriter:
         small = [ZstdCodec(level=3), Crc32cCodec()]  # token and sequence columns: tiny next to the activations
         for name, col in tokens.items():
             root.create_array(
-                name, shape=col.shape, dtype=col.dtype, chunks=(max(n, 1),), compressors=small, config=_ARRAY_CONFIG
+                name,
+                shape=col.shape,
+                dtype=col.dtype,
+                chunks=(max(n, 1),),
+                compressors=small,
+                config=_ARRAY_CONFIG,
+                dimension_names=("token",),  # xarray's labels (docs/FORMAT.md)
             )[...] = col
         seq = root.create_group("sequences")
         for name, col in table.items():
             dt = str if col.dtype == object else col.dtype
             seq.create_array(
-                name, shape=col.shape, dtype=dt, chunks=(len(records),), compressors=small, config=_ARRAY_CONFIG
+                name,
+                shape=col.shape,
+                dtype=dt,
+                chunks=(len(records),),
+                compressors=small,
+                config=_ARRAY_CONFIG,
+                dimension_names=("sequence",),
             )[...] = col
         acts = root.create_group("acts")
         raw = 0
@@ -329,6 +341,8 @@ class ShardWriter:
                 shards=(shard_rows, width),
                 compressors=_compressors(self.codec_name, self.codec_level, self.np_dtype.itemsize),
                 config=_ARRAY_CONFIG,
+                # [n, width]; named after the width's kind, so hooks of one kind share a dimension in xarray
+                dimension_names=("token", "d_mlp" if hook.endswith("mlp.hook_post") else "d_model"),
                 attributes={"hook": hook, "logical_dtype": self.storage_dtype},
             )
             arr[...] = data  # the whole shard in one write: no read-modify-write

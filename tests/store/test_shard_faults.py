@@ -223,3 +223,12 @@ def test_every_file_kind_is_documented():
     for kind, rel in FILE_KINDS.items():
         shown = rel.replace(HA, "<hook>").replace(HB, "<hook 2>")
         assert f"| {kind}: `{shown}` |" in doc, kind
+
+
+def test_file_deleted_after_the_store_opened(copy):
+    """The training loader plans its reads when it starts; a file that vanishes later is still refused."""
+    store = open_store(copy)
+    assert len(store.sequences) == 6  # opens (and checks) every shard
+    (copy / f"shards/000001.zarr/acts/{HA}/c/0/0").unlink()
+    with pytest.raises(StoreError, match=f"shard 1 is damaged: 000001.zarr/acts/{HA}/c/0/0: file is missing"):
+        ChunkReader(store, [HA])
