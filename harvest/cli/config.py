@@ -190,6 +190,11 @@ class RunConfig:
     def __post_init__(self):
         stops = () if self.generation.stop_strings == "auto" else tuple(self.generation.stop_strings)
         self.generate_config((), stops, 1)  # checks the generation and runtime keys the engine owns
+        if self.generation.max_new_tokens == 0 and "decode" in self.capture.phases:
+            raise ConfigError(
+                "capture.phases: 'decode' needs answers, but generation.max_new_tokens is 0 (a prefill-only run); "
+                "capture phases [prefill], or generate tokens"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

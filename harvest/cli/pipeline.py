@@ -21,7 +21,7 @@ from harvest.cli import provenance
 from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys
 from harvest.cli.records import RecordBuilder, read_answer
 from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
-from harvest.engine.hooks import parse_hooks
+from harvest.engine.hooks import layers_needed, parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
 from harvest.store.api import open_store
 from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS, TMP_MARK, StoreLayout
@@ -90,7 +90,9 @@ def prepare(cfg: RunConfig) -> Work:
         lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids, token_bytes=token_bytes_of(lm.tokenizer) if stops else None
     )
     targets = {(t.id, i): test[1] for t in tasks for i, test in enumerate(t.test)}
-    records = RecordBuilder(lm.tokenizer, cfg.prompt.format, hooks, frozenset(cfg.capture.phases), targets)
+    records = RecordBuilder(
+        lm.tokenizer, cfg.prompt.format, hooks, frozenset(cfg.capture.phases), targets, answers=not gcfg.prefill_only
+    )
     return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator, records)
 
 
@@ -99,18 +101,19 @@ def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel) 
     the KV cache (2 x layers x slots x [K, cache_len, Dh]), the decode capture buffers ([slots, T, width]
     per hook), the prompt activations of one admission wave (up to `decode_slots` prompts, device and
     host), and the finished sequences queued for the writer."""
-    c, n = lm.cfg, gcfg.decode_slots
+    c, n = lm.cfg, gcfg.pool_slots
     itemsize = 4 if cfg.model.dtype == "float32" else 2
     prompt_w = sum(h.width(c) for h in gcfg.prefill_hooks)
     answer_w = sum(h.width(c) for h in gcfg.decode_hooks)
-    kv = 2 * c.n_layers * n * gcfg.cache_len * c.n_kv_heads * c.head_dim
+    layers = layers_needed(gcfg.prefill_hooks) if gcfg.prefill_only else c.n_layers
+    kv = 2 * layers * n * gcfg.cache_len * c.n_kv_heads * c.head_dim
     per_sequence = gcfg.max_prompt_len * prompt_w + gcfg.max_new_tokens * answer_w
     floats = kv + n * gcfg.max_new_tokens * answer_w + 2 * n * gcfg.max_prompt_len * prompt_w
     floats += (cfg.runtime.queue + n) * per_sequence
     gb = floats * itemsize / 2**30
     if gb > cfg.runtime.max_capture_gb:
         raise ConfigError(
-            f"KV cache and capture buffers need about {gb:.1f} GB (runtime.decode_slots {n}, prompts up to "
+            f"KV cache and capture buffers need about {gb:.1f} GB ({n} cache slots, prompts up to "
             f"{gcfg.max_prompt_len} tokens, {gcfg.max_new_tokens} new tokens) > runtime.max_capture_gb="
             f"{cfg.runtime.max_capture_gb}; lower runtime.decode_slots, data.max_prompt_tokens, "
             f"generation.max_new_tokens or the hooks, or raise the limit"
@@ -319,7 +322,8 @@ def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapse
         for t, n in too_long.items()
         if t not in ran
     ]
-    scores = arc.score_tasks(records, skipped)
+    # a prefill-only run generated no answers: there is nothing to score (not "all wrong")
+    scores = arc.score_tasks(records, skipped) if cfg.generation.max_new_tokens else None
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     return {
         "sequences": store.num_sequences,

@@ -71,6 +71,7 @@ class RecordBuilder:
     hooks: tuple[Hook, ...]
     phases: frozenset[str]  # the phases whose tokens are stored
     targets: dict  # (task id, test index) -> the original answer grid, or None
+    answers: bool = True  # False in a prefill-only run: the answer columns hold their missing values
 
     def attempt(self, task_id: str, test_index: int, prediction) -> dict:
         """One scored attempt, as arc.score_tasks takes it."""
@@ -87,6 +88,18 @@ class RecordBuilder:
         n, gen_ids = len(prompt), done.tokens
         text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
         score = self.attempt(seq.task_id, seq.test_index, read_answer(text, seq.augmentation, self.fmt))
+        answer = dict(
+            generated_text=text,
+            parsed_ok=score["parsed_ok"],
+            pred_h=score["pred_shape"][0],
+            pred_w=score["pred_shape"][1],
+            shape_ok=score["shape_ok"],
+            pixel_accuracy=score["pixel_accuracy"],
+            correct=score["correct"],
+            logprob=done.logprob,
+        )
+        if not self.answers:  # nothing was generated: missing, not wrong (docs/FORMAT.md)
+            answer = dict.fromkeys(answer)
         meta = dict(
             sequence_id=seq.sequence_id,
             task_id=seq.task_id,
@@ -96,14 +109,7 @@ class RecordBuilder:
             prompt_length=n,
             generated_length=len(gen_ids),
             stop_reason=STOP_REASONS[done.stop_reason],
-            generated_text=text,
-            parsed_ok=score["parsed_ok"],
-            pred_h=score["pred_shape"][0],
-            pred_w=score["pred_shape"][1],
-            shape_ok=score["shape_ok"],
-            pixel_accuracy=score["pixel_accuracy"],
-            correct=score["correct"],
-            logprob=done.logprob,
+            **answer,
             chat=prompt.chat,
             has_target=seq.target is not None,
         )

@@ -12,6 +12,10 @@ decode segment runs until enough rows finish to fill the idle lanes (or `segment
 finished slots are read and handed back. At the end, when no prompt waits and at most `tail_slots` rows
 are live, they move to a small pool. Shapes never depend on the prompts: a stream compiles one prefill
 and two decode programs (full pool, tail pool), whatever the prompt lengths.
+
+With max_new_tokens=0 (prefill only) nothing decodes: the pool is the `batch_size` lanes' own slots, the
+forward pass stops at the deepest hooked layer, no LM head runs, and a prompt is finished as soon as
+its last chunk is in.
 """
 
 from __future__ import annotations
@@ -26,11 +30,11 @@ import numpy as np
 
 from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
-from harvest.engine.hooks import Hook
+from harvest.engine.hooks import Hook, layers_needed
 from harvest.engine.prefill import prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
-from harvest.engine.stopping import StopRules
+from harvest.engine.stopping import STOP_NONE, StopRules
 from harvest.errors import FieldError
 
 
@@ -40,7 +44,7 @@ class GenerateConfig:
     decode_slots: int = 32  # sequences decoding at once; decode is bandwidth-bound, so more is cheap
     prefill_chunk: int = 128  # prompt tokens per lane per prefill call: padding < one chunk per prompt
     max_prompt_len: int = 1024  # cache room for a prompt; longer prompts are refused
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # 0: prefill only (no decode, no LM head, layers up to the deepest hook)
     sampling: SamplingConfig = SamplingConfig()
     fixed_length: bool = False  # every row generates exactly max_new_tokens: EOS and stop strings are ignored
     stop_strings: tuple[str, ...] = ()
@@ -52,9 +56,13 @@ class GenerateConfig:
     decode_hooks: tuple[Hook, ...] = ()
 
     def __post_init__(self):
-        for name in ("batch_size", "decode_slots", "max_prompt_len", "max_new_tokens", "segment_steps"):
+        for name in ("batch_size", "decode_slots", "max_prompt_len", "segment_steps"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"{getattr(self, name)} is impossible; it must be >= 1")
+        if self.max_new_tokens < 0:
+            raise FieldError("max_new_tokens", f"{self.max_new_tokens} is impossible; it must be >= 0")
+        if self.prefill_only and self.decode_hooks:
+            raise FieldError("max_new_tokens", "0 (prefill only) generates no answer to capture; capture prefill only")
         if self.tail_slots is not None and not 0 <= self.tail_slots < self.decode_slots:
             raise FieldError(
                 "tail_slots", f"{self.tail_slots} is impossible; it must be in [0, decode_slots={self.decode_slots})"
@@ -69,6 +77,15 @@ class GenerateConfig:
             raise FieldError("seed", f"{self.seed} is impossible; it must be in [0, 2**32)")
         if not all(self.stop_strings):
             raise FieldError("stop_strings", "must be non-empty strings: an empty one would stop every row at once")
+
+    @property
+    def prefill_only(self) -> bool:
+        return self.max_new_tokens == 0
+
+    @property
+    def pool_slots(self) -> int:
+        """Slots holding a KV cache: the decode pool, or in a prefill-only run just the lanes' own."""
+        return self.batch_size if self.prefill_only else self.decode_slots
 
     @property
     def tail_pool(self) -> int:
@@ -126,6 +143,10 @@ class Generator:
     def __init__(self, cfg: ModelConfig, params, gcfg: GenerateConfig, *, eos_ids=(), token_bytes=None):
         if gcfg.sampling.top_k > cfg.vocab_size:
             raise FieldError("top_k", f"{gcfg.sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})")
+        if gcfg.prefill_only:  # stop at the deepest hooked layer: the rest of the model is never run
+            depth = layers_needed(gcfg.prefill_hooks)
+            cfg = dataclasses.replace(cfg, n_layers=depth)
+            params = {**params, "layers": tuple(params["layers"][:depth])}
         self.cfg, self.params, self.gcfg = cfg, params, gcfg
         self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.fixed_length, gcfg.decode_hooks)
         rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)
@@ -152,6 +173,9 @@ class Generator:
             raise ValueError("sequence ids must be unique")
         state = self._state if self._state is not None else self._empty_state()
         self._state = None  # donated below; restored when the stream ends cleanly
+        if g.prefill_only:
+            yield from self._stream_prefill_only(state, queue)
+            return
         n_slots = g.decode_slots
         occupant: list[_Seq | None] = [None] * n_slots  # prefilling or decoding
         live: set[int] = set()  # slots decoding
@@ -198,6 +222,23 @@ class Generator:
                     )
         self._state = state if n_slots == g.decode_slots else None
 
+    def _stream_prefill_only(self, state: SlotState, queue: collections.deque) -> Iterator[Finished]:
+        """Each lane owns a slot: a prompt is admitted, prefilled chunk by chunk, and finished."""
+        occupant: list[_Seq | None] = [None] * self.gcfg.pool_slots
+        lanes = _Lanes(self.gcfg.batch_size)
+        while queue or any(occupant):
+            for slot in range(len(occupant)):
+                if occupant[slot] is None and queue:
+                    occupant[slot] = seq = queue.popleft()
+                    seq.slot = slot
+                    lanes.waiting.append(seq)
+            state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=False)
+            for seq in started:
+                occupant[seq.slot] = None
+                acts = {k: np.concatenate(v) for k, v in seq.prefill_acts.items()}
+                yield Finished(seq.sequence_id, len(seq.prompt), np.zeros(0, np.int32), STOP_NONE, 0.0, acts, {})
+        self._state = state
+
     def _shrink(self, state: SlotState, occupant: list, live: set[int]):
         """Move the live rows into a pool of `tail_slots` slots for the end of the stream."""
         old = sorted(live)
@@ -223,7 +264,7 @@ class Generator:
         g = self.gcfg
         dtype = self.params["embed"].dtype
         return empty_state(
-            self.cfg, g.decode_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, self.tables.num_strings, dtype
+            self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, self.tables.num_strings, dtype
         )
 
     def _prefill(
@@ -240,7 +281,7 @@ class Generator:
             lanes.refill()
             if lanes.busy == 0 or (lanes.idle and more_coming and (decoding or started)):
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
-            slot = np.full(g.batch_size, g.decode_slots, np.int32)
+            slot = np.full(g.batch_size, g.pool_slots, np.int32)
             tokens = np.zeros((g.batch_size, c), np.int32)
             start = np.zeros(g.batch_size, np.int32)
             n_valid = np.zeros(g.batch_size, np.int32)
@@ -257,7 +298,7 @@ class Generator:
                 seq.next_chunk += 1
                 last[r] = begin + c >= len(seq.prompt)
             chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
-            state, acts = prefill_chunk(self.cfg, g.prefill_hooks, self.params, state, chunk)
+            state, acts = prefill_chunk(self.cfg, g.prefill_hooks, self.params, state, chunk, arm=not g.prefill_only)
             calls.append(acts)
             self.timings["prefill_calls"] += 1
             started += [seq for seq, done in zip(lanes.seqs, last) if done]

@@ -102,3 +102,9 @@ def kinds_by_layer(hooks: tuple[Hook, ...]) -> dict[int, frozenset[str]]:
     for h in hooks:
         by.setdefault(h.layer, set()).add(h.kind)
     return {k: frozenset(v) for k, v in by.items()}
+
+
+def layers_needed(hooks: tuple[Hook, ...]) -> int:
+    """How many layers a forward pass must run to compute every hook (the deepest hook's layer + 1):
+    a prefill-only run stops there."""
+    return max((h.layer for h in hooks), default=-1) + 1

@@ -25,9 +25,14 @@ from harvest.engine.state import PrefillChunk, SlotState
 from harvest.engine.stopping import STOP_NONE
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hooks"), donate_argnames=("state",))
-def prefill_chunk(cfg: ModelConfig, hooks: tuple[Hook, ...], params, state: SlotState, chunk: PrefillChunk):
-    """-> (state with the chunk in its slots' caches, {hook name: [R, C, width]} activations)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "hooks", "arm"), donate_argnames=("state",))
+def prefill_chunk(
+    cfg: ModelConfig, hooks: tuple[Hook, ...], params, state: SlotState, chunk: PrefillChunk, arm: bool = True
+):
+    """-> (state with the chunk in its slots' caches, {hook name: [R, C, width]} activations).
+
+    arm=False (prefill-only runs) skips the LM head and leaves the slots unarmed: nothing decodes.
+    cfg.n_layers may be below the checkpoint's (params["layers"] then holds only those layers)."""
     r, c = chunk.tokens.shape
     rows = jnp.minimum(chunk.slot, state.num_slots - 1)  # idle lanes read some slot; their writes drop
     positions = chunk.start[:, None] + jnp.arange(c, dtype=jnp.int32)  # [R, C]
@@ -51,6 +56,8 @@ def prefill_chunk(cfg: ModelConfig, hooks: tuple[Hook, ...], params, state: Slot
         )
         for i, (k, v) in enumerate(state.cache)
     )
+    if not arm:
+        return dataclasses.replace(state, cache=cache), acts
     last_x = jnp.take_along_axis(x, jnp.maximum(chunk.n_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
     armed = jnp.where(chunk.last, chunk.slot, state.num_slots)  # lanes that finish their prompt now
     n_stop = state.stop_state.shape[1]

@@ -5,6 +5,7 @@ import re
 
 import numpy as np
 import pytest
+import yaml
 import zarr
 
 from harvest.cli.config import from_dict
@@ -161,3 +162,35 @@ def test_resume_refuses_changed_tasks(real_vocab_model, tmp_path):
     save(tasks[0])
     with pytest.raises(ValueError, match=r"other inputs \(sequences changed"):
         run_harvest(from_dict(raw))
+
+
+def test_prefill_only_run_equals_a_full_runs_prompt_rows(real_vocab_model, tmp_path, capsys):
+    """generation.max_new_tokens 0 with capture.phases [prefill]: the stored rows equal the prompt rows
+    of a run that generates; answers are marked as not generated, and nothing is scored."""
+    _, folder = real_vocab_model
+    hooks = ["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"]  # of 5 layers: the run stops after layer 1
+    full = run_harvest(from_dict(run_config(folder, tmp_path / "full", capture__hooks=hooks)))
+    raw = run_config(
+        folder, tmp_path / "only", capture__hooks=hooks, capture__phases=["prefill"], generation__max_new_tokens=0
+    )
+    summary = run_harvest(from_dict(raw))
+    assert summary["arc"] is None and summary["tokens_per_phase"]["decode"] == 0
+    assert summary["session"]["decode_steps"] == 0 and full["session"]["decode_steps"] > 0
+    a, b = open_store(tmp_path / "full"), open_store(tmp_path / "only")
+    assert b.num_sequences == a.num_sequences
+    for sid in a.sequences["sequence_id"]:
+        x, y = a.sequence(int(sid)), b.sequence(int(sid))
+        prompt = x["phase"] == 0
+        np.testing.assert_array_equal(y["token_id"], x["token_id"][prompt])
+        for h in hooks:
+            np.testing.assert_allclose(y[h], x[h][prompt], atol=1e-6, rtol=0, err_msg=h)
+    t = b.sequences
+    assert (t["generated_length"] == 0).all() and set(t["stop_reason"]) == {"none"}
+    assert set(t["generated_text"]) == {""} and np.isnan(t["pixel_accuracy"]).all() and (t["pred_h"] == -1).all()
+    cfg = tmp_path / "only.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    assert main([str(cfg)]) == 0  # a no-op resume prints the report
+    assert "answers: not generated (prefill-only run)" in capsys.readouterr().out
+    raw["capture"]["phases"] = ["prefill", "decode"]
+    with pytest.raises(ValueError, match="capture.phases: 'decode' needs answers"):
+        from_dict(raw)

@@ -196,3 +196,28 @@ def test_rejects_bad_prompts_and_configs(loaded_tiny):
         GenerateConfig(batch_size=8, decode_slots=4)
     with pytest.raises(FieldError, match=r"tail_slots: 4 is impossible; it must be in \[0, decode_slots=4\)"):
         GenerateConfig(batch_size=2, decode_slots=4, tail_slots=4)
+
+
+def test_prefill_only_stops_at_the_deepest_hook_and_equals_a_full_run(loaded_tiny):
+    """max_new_tokens=0: no decode, no LM head, layers up to the deepest hook only; the prompt
+    activations equal those of a run that generates (and of the full forward pass)."""
+    lm = loaded_tiny
+    hooks = parse_hooks(["blocks.0.hook_resid_post", "blocks.1.mlp.hook_post"], lm.cfg)  # of 3 layers
+    prompts = [list(random_ids(n, 20 + n)) for n in (300, 5, 129, 64, 200)]
+    ids = [4, 0, 3, 1, 2]
+    full = gen(lm, prefill_hooks=hooks, max_new_tokens=3).generate(prompts, ids)
+    only = gen(lm, prefill_hooks=hooks, max_new_tokens=0)
+    assert only.cfg.n_layers == 2 and len(only.params["layers"]) == 2  # layer 2 is never run
+    outs = only.generate(prompts, ids)
+    before = CompileCounter.count
+    assert [d.sequence_id for d in only.generate(prompts[::-1], ids[::-1])] == ids[::-1]
+    assert CompileCounter.count == before  # one prefill program serves every prompt length
+    for prompt, a, b in zip(prompts, full, outs):
+        assert b.sequence_id == a.sequence_id and b.prompt_length == len(prompt) and len(b.tokens) == 0
+        assert b.decode_acts == {} and only.timings["decode_steps"] == 0
+        for h in hooks:
+            np.testing.assert_allclose(b.prefill_acts[h.name], a.prefill_acts[h.name], atol=1e-6, rtol=0)
+    x, acts = forward(lm.cfg, lm.params, jnp.asarray(np.array(prompts[0], np.int32)[None]), hooks=hooks)
+    np.testing.assert_allclose(outs[0].prefill_acts[hooks[1].name], np.asarray(acts[hooks[1].name])[0], atol=ATOL)
+    with pytest.raises(FieldError, match="generates no answer to capture"):
+        GenerateConfig(max_new_tokens=0, decode_hooks=hooks)
