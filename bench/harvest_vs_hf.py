@@ -1,6 +1,6 @@
 """harvest vs transformers, whole process against whole process, on the same harvesting work.
 
-    python bench/harvest_vs_hf.py [--workload answers|prompts|rss] [--model DIR] [--dtype float32|bfloat16]
+    python bench/harvest_vs_hf.py [--workload answers|prompts|prefill-only|rss] [--model DIR] [--dtype float32|bfloat16]
                                   [--tasks N] [--batch 8] [--harvest-set section.key=value ...]
                                   [--rss-tasks 50,100,400] [--json PATH] [--keep] [--quick]
     python bench/harvest_vs_hf.py --quick            # smoke test: tiny random Qwen2 + real tokenizer, < 2 min
@@ -21,6 +21,9 @@ every test input is one sequence; harvest gets the chosen ids as data.tasks):
            tokenizer-level stop strings.
   prompts  (16 tasks) base prompts, exactly 32 new tokens (harvest fixed_length; transformers
            min_new_tokens = max_new_tokens, which masks EOS: same token counts, other tokens).
+  prefill-only  (48 tasks) base prompts, no generation, blocks.{n/4}.hook_resid_post only (6 of 24 layers).
+           harvest: generation.max_new_tokens 0, capture.phases [prefill] (it stops after layer n/4 and runs
+           no LM head); transformers: one forward pass per batch with output_hidden_states=True.
   rss      harvest only: peak RSS of random:0.5b runs (--rss-model; random:tiny with --quick), 8 forced new tokens,
            data.limit = each of --rss-tasks, data.max_prompt_tokens 1024.
 Hooks: blocks.{n/4, n/2, 3n/4}.hook_resid_post (6/12/18 for 24 layers), float16, every prompt token
@@ -121,33 +124,16 @@ def hf_side(spec_path: str) -> None:
         ids = torch.tensor([[pad] * (width - len(s["ids"])) + s["ids"] for s in chunk])
         mask = torch.tensor([[0] * (width - len(s["ids"])) + [1] * len(s["ids"]) for s in chunk])
         timer, t = FirstToken(), time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, streamer=timer, **gen_kw)
-            gen = out.sequences[:, width:]
-            steps = gen.shape[1]
-            lengths = []
-            for row in gen.tolist():
-                hit = [j for j, tok in enumerate(row) if tok in eos]
-                lengths.append(steps if fixed or not hit else hit[0] + 1)
-            extra = None
-            if max(lengths) == steps:  # that last token was never run through the model: run it
-                full = torch.cat([mask, torch.ones(len(chunk), steps, dtype=mask.dtype)], 1)
-                cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
-                extra = model(
-                    input_ids=gen[:, -1:], attention_mask=full, position_ids=full.sum(1, keepdim=True) - 1,
-                    use_cache=True, output_hidden_states=True, logits_to_keep=1, **{cache_kw: cache},
-                ).hidden_states  # fmt: skip
-            done = time.perf_counter()
-            # hidden_states[0]: prefill [B, width, d] per layer; [s >= 1]: generated token s - 1 fed in, [B, 1, d]
-            acts = [
-                torch.cat(
-                    [out.hidden_states[s][L + 1] for s in range(steps)] + ([extra[L + 1]] if extra else []), 1
-                ).to(torch.float16)
-                for L in layers
-            ]
+        if new == 0:  # prefill only: one forward pass, the prompt's hidden states
+            with torch.inference_mode():
+                hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+                acts, lengths, steps = [hidden[L + 1].to(torch.float16) for L in layers], [0] * len(chunk), 0
+            timer.first = done = time.perf_counter()
+        else:
+            acts, lengths, steps, done = generate_batch(model, ids, mask, timer, gen_kw, eos, fixed, layers, cache_kw)
         r["prefill_seconds"] += timer.first - t
         r["decode_seconds"] += done - timer.first
-        r["decode_steps"] += steps - 1 + (extra is not None)
+        r["decode_steps"] += steps
         for b, (s, n_gen) in enumerate(zip(chunk, lengths)):
             n = len(s["ids"])
             for key, add in (("prompt_tokens", n), ("generated_tokens", n_gen), ("stored_tokens", n + n_gen)):
@@ -162,9 +148,42 @@ def hf_side(spec_path: str) -> None:
                         r["bytes"] += len(enc)
                 f.flush()
                 os.fsync(f.fileno())
-        del out, acts, extra
+        del acts
     r["seconds"] = time.perf_counter() - t0
     Path(spec["result"]).write_text(json.dumps(r))
+
+
+def generate_batch(model, ids, mask, timer, gen_kw, eos, fixed, layers, cache_kw):
+    """transformers generate on one batch -> (acts per layer [B, width + run tokens, d] float16, generated
+    lengths, decode steps, end time)."""
+    import torch
+
+    width = ids.shape[1]
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, streamer=timer, **gen_kw)
+        gen = out.sequences[:, width:]
+        steps = gen.shape[1]
+        lengths = []
+        for row in gen.tolist():
+            hit = [j for j, tok in enumerate(row) if tok in eos]
+            lengths.append(steps if fixed or not hit else hit[0] + 1)
+        extra = None
+        if max(lengths) == steps:  # that last token was never run through the model: run it
+            full = torch.cat([mask, torch.ones(len(ids), steps, dtype=mask.dtype)], 1)
+            cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+            extra = model(
+                input_ids=gen[:, -1:], attention_mask=full, position_ids=full.sum(1, keepdim=True) - 1,
+                use_cache=True, output_hidden_states=True, logits_to_keep=1, **{cache_kw: cache},
+            ).hidden_states  # fmt: skip
+        done = time.perf_counter()
+        # hidden_states[0]: prefill [B, width, d] per layer; [s >= 1]: generated token s - 1 fed in, [B, 1, d]
+        acts = [
+            torch.cat([out.hidden_states[s][L + 1] for s in range(steps)] + ([extra[L + 1]] if extra else []), 1).to(
+                torch.float16
+            )
+            for L in layers
+        ]
+    return acts, lengths, steps - 1 + (extra is not None), done
 
 
 # ---------------------------------------------------------------------------------- parent side
@@ -366,9 +385,9 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
 
     folder = Path(args.model).expanduser()
     facts = model_facts(folder)
-    layers = hook_layers(facts["layers"])
-    answers = args.workload == "answers"
-    new = (16 if args.quick else 300) if answers else (16 if args.quick else 32)
+    answers, prefill_only = args.workload == "answers", args.workload == "prefill-only"
+    layers = hook_layers(facts["layers"])[:1] if prefill_only else hook_layers(facts["layers"])
+    new = 0 if prefill_only else (16 if args.quick else 300) if answers else (16 if args.quick else 32)
     has_tok = (folder / "tokenizer.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(folder if has_tok else TOKENIZER))
     ids, seqs = select(tokenizer, args.tasks, chat=answers)
@@ -389,6 +408,8 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
         folder, args.dtype, layers, args.batch, tmp / "harvest-out", {"tasks": ids, "max_prompt_tokens": MAX_PROMPT},
         answers, gen,
     )  # fmt: skip
+    if prefill_only:
+        cfg["capture"]["phases"] = ["prefill"]
     summary, h_wall, h_rss = run_harvest("harvest", cfg, tmp, args.harvest_set)
     s = summary["session"]
 
@@ -468,7 +489,7 @@ def rss_workload(args, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="answers", choices=["answers", "prompts", "rss"])
+    ap.add_argument("--workload", default="answers", choices=["answers", "prompts", "prefill-only", "rss"])
     ap.add_argument("--model", default=REAL, help="Hugging Face Qwen2 folder (both sides load it)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--tasks", type=int, default=None, help="tasks (default 48 answers, 16 prompts, 2 with --quick)")
@@ -489,7 +510,7 @@ def main() -> None:
     me = [sys.executable, str(Path(__file__).resolve()), "--side", "spawner"]
     SPAWNER.append(subprocess.Popen(me, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     if args.tasks is None:
-        args.tasks = 2 if args.quick else {"answers": 48, "prompts": 16}.get(args.workload)
+        args.tasks = 2 if args.quick else {"answers": 48, "prompts": 16, "prefill-only": 48}.get(args.workload)
     folder = Path(args.model).expanduser()
     if not (args.quick or args.workload == "rss" or (folder / "config.json").is_file()):
         fail(f"model folder {folder} is missing or has no config.json; run ../shared/tools/real-qwen-checkpoint")

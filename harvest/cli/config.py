@@ -160,6 +160,7 @@ class RuntimeSection:
     prefill_chunk: int = 128  # prompt tokens per prompt per prefill call
     tail_slots: int | None = None  # pool size for the last few live rows; null: decode_slots // 4; 0: off
     queue: int = 8  # finished sequences waiting for the writer (bounds host RAM)
+    writer_threads: int | None = None  # threads compressing a shard's chunks; null: the usable cores, at most 8
     max_capture_gb: float = 8.0  # refuse settings whose capture buffers would exceed this
     compile_cache: str | None = "~/.cache/harvest/jax"  # persistent XLA cache; null disables
     progress: bool = True
@@ -247,6 +248,7 @@ _CHECKS = {
     "capture.phases": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "non-empty, no repeats"),
     "capture.shard_mb": (lambda v: v > 0, "> 0"),
     "runtime.queue": (lambda v: v >= 1, ">= 1"),
+    "runtime.writer_threads": (lambda v: v is None or v >= 1, "null or >= 1"),
     "runtime.max_capture_gb": (lambda v: v > 0, "> 0"),
 }
 

@@ -175,8 +175,9 @@ def inputs_fingerprint(work: Work) -> dict[str, str]:
     }
 
 
-def run(cfg: RunConfig, overwrite: bool = False) -> dict:
-    """Harvest into cfg.output.path and return the summary (also written to summary.json)."""
+def run(cfg: RunConfig, overwrite: bool = False, work: Work | None = None) -> dict:
+    """Harvest into cfg.output.path and return the summary (also written to summary.json).
+    work: `prepare(cfg)`'s result, to reuse a loaded model and its compiled programs (benchmarks)."""
     out = Path(cfg.output.path)
     check_output(out)
     started = provenance.now()
@@ -185,7 +186,7 @@ def run(cfg: RunConfig, overwrite: bool = False) -> dict:
 
         jax.config.update("jax_compilation_cache_dir", cfg.runtime.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    work = prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
+    work = work or prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
     with lock_run(out):  # one harvest per folder: two would both write and clean up
         prepare_output(out, cfg, overwrite)
         return _run(cfg, out, work, started)
@@ -249,6 +250,7 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
         cfg.capture.codec,
         max_queue=cfg.runtime.queue,
         start_shard=scan.next_shard,
+        threads=cfg.runtime.writer_threads,
     )
     bar = _progress(cfg, len(todo), len(scan.committed_sequence_ids))
     with writer:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from harvest.store.format import (
 )
 from harvest.store.integrity import manifest
 from harvest.store.runfolder import StoreError, fsync_path, fsync_tree, json_default, tmp_path, write_json_atomic
+from harvest.store.shardfile import compressor, default_threads, write_shard_object
 
 DEFAULT_SHARD_BYTES = 128 << 20
 DEFAULT_CHUNK_BYTES = 4 << 20  # inner chunk target; rows are rounded down to a power of two
@@ -132,6 +134,19 @@ def chunk_rows(width: int, itemsize: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 # ---------------------------------------------------------------- building one shard
 
 
+_COLUMN_THREADS = 8
+_SMALL = [ZstdCodec(level=3), Crc32cCodec()]  # token and sequence columns: tiny next to the activations
+
+
+def _write_column(group: zarr.Group, name: str, col: np.ndarray, dim: str) -> None:
+    """One per-token or per-sequence column [n], as one chunk, labelled `dim` for xarray (docs/FORMAT.md)."""
+    dtype = str if col.dtype == object else col.dtype
+    group.create_array(
+        name, shape=col.shape, dtype=dtype, chunks=(max(len(col), 1),), compressors=_SMALL, config=_ARRAY_CONFIG,
+        dimension_names=(dim,),
+    )[...] = col  # fmt: skip
+
+
 def _kind_of(values: list) -> str | None:
     """Infer a column kind from Python/numpy scalars: bool < int < float; anything else is str."""
     kinds = set()
@@ -218,8 +233,10 @@ class ShardWriter:
         codec_level: int = 1,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         fsync: bool = True,
+        threads: int | None = None,
     ):
         self.layout = StoreLayout(run_dir)
+        self.threads = threads or default_threads()  # inner chunks compressed at once (shardfile)
         self.hooks = dict(hooks)
         self.storage_dtype = storage_dtype
         self.np_dtype = storage_numpy_dtype(storage_dtype)
@@ -270,6 +287,28 @@ class ShardWriter:
         write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync, failpoint="commit")
         return info
 
+    def _write_acts(self, acts: zarr.Group, path: Path, hook: str, width: int, records, n: int, pool) -> int:
+        """One hook's [n, width] array: zarr writes its metadata, shardfile its one storage object.
+        -> raw bytes (storage dtype, before compression)."""
+        data = np.concatenate([r.acts[hook] for r in records]).astype(self.np_dtype, copy=False)  # [n, width]
+        rows = min(chunk_rows(width, self.np_dtype.itemsize, self.chunk_bytes), max(n, 1))
+        shard_rows = -(-max(n, 1) // rows) * rows  # one shard object holds the whole array
+        acts.create_array(
+            hook,
+            shape=data.shape,
+            dtype=self.np_dtype,
+            chunks=(rows, width),
+            shards=(shard_rows, width),
+            compressors=_compressors(self.codec_name, self.codec_level, self.np_dtype.itemsize),
+            config=_ARRAY_CONFIG,
+            # [n, width]; named after the width's kind, so hooks of one kind share a dimension in xarray
+            dimension_names=("token", "d_mlp" if hook.endswith("mlp.hook_post") else "d_model"),
+            attributes={"hook": hook, "logical_dtype": self.storage_dtype},
+        )
+        codec = compressor(self.codec_name, self.codec_level, self.np_dtype.itemsize, BLOSC_BLOCKSIZE)
+        write_shard_object(path / "acts" / hook / "c" / "0" / "0", data, rows, codec, pool)
+        return data.nbytes
+
     def _build(self, path: Path, index: int, records: list[SequenceRecord]) -> dict:
         counts = np.array([r.num_tokens for r in records], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -303,51 +342,22 @@ class ShardWriter:
             "tokens_per_phase": phase_counts,
         }
         root = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
-        small = [ZstdCodec(level=3), Crc32cCodec()]  # token and sequence columns: tiny next to the activations
-        for name, col in tokens.items():
-            root.create_array(
-                name,
-                shape=col.shape,
-                dtype=col.dtype,
-                chunks=(max(n, 1),),
-                compressors=small,
-                config=_ARRAY_CONFIG,
-                dimension_names=("token",),  # xarray's labels (docs/FORMAT.md)
-            )[...] = col
         seq = root.create_group("sequences")
-        for name, col in table.items():
-            dt = str if col.dtype == object else col.dtype
-            seq.create_array(
-                name,
-                shape=col.shape,
-                dtype=dt,
-                chunks=(len(records),),
-                compressors=small,
-                config=_ARRAY_CONFIG,
-                dimension_names=("sequence",),
-            )[...] = col
+        columns = [(root, name, col, "token") for name, col in tokens.items()]
+        columns += [(seq, name, col, "sequence") for name, col in table.items()]
+        # each small array costs a few ms of zarr round trips, mostly waiting: write them concurrently
+        with ThreadPoolExecutor(_COLUMN_THREADS) as columns_pool:
+            list(columns_pool.map(lambda c: _write_column(*c), columns))
         acts = root.create_group("acts")
         raw = 0
-        for hook, width in self.hooks.items():
-            data = np.concatenate([r.acts[hook] for r in records]).astype(self.np_dtype, copy=False)  # [n, width]
-            rows = chunk_rows(width, self.np_dtype.itemsize, self.chunk_bytes)
-            rows = min(rows, max(n, 1))
-            shard_rows = -(-max(n, 1) // rows) * rows  # one shard object holds the whole array
-            arr = acts.create_array(
-                hook,
-                shape=data.shape,
-                dtype=self.np_dtype,
-                chunks=(rows, width),
-                shards=(shard_rows, width),
-                compressors=_compressors(self.codec_name, self.codec_level, self.np_dtype.itemsize),
-                config=_ARRAY_CONFIG,
-                # [n, width]; named after the width's kind, so hooks of one kind share a dimension in xarray
-                dimension_names=("token", "d_mlp" if hook.endswith("mlp.hook_post") else "d_model"),
-                attributes={"hook": hook, "logical_dtype": self.storage_dtype},
-            )
-            arr[...] = data  # the whole shard in one write: no read-modify-write
-            failpoints.hit("shard.building")  # a crash (or a full disk) halfway through a shard
-            raw += data.nbytes
+        pool = ThreadPoolExecutor(self.threads) if self.threads > 1 else None
+        try:
+            for hook, width in self.hooks.items():
+                raw += self._write_acts(acts, path, hook, width, records, n, pool)
+                failpoints.hit("shard.building")  # a crash (or a full disk) halfway through a shard
+        finally:
+            if pool is not None:
+                pool.shutdown()
         return {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,

@@ -73,10 +73,11 @@ class BackgroundWriter:
         codec_level: int = 1,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         fsync: bool = True,
+        threads: int | None = None,
     ):
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
-        self._shard = ShardWriter(run_dir, hooks, storage_dtype, codec, codec_level, chunk_bytes, fsync)
+        self._shard = ShardWriter(run_dir, hooks, storage_dtype, codec, codec_level, chunk_bytes, fsync, threads)
         self.shard_bytes = int(shard_bytes)
         self._next_index = int(start_shard)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)

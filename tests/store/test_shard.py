@@ -275,3 +275,30 @@ def test_float16_overflow_is_refused_not_stored_as_inf():
     assert to_storage(np.array([[1.0, -60000.0]], np.float32), "float16").dtype == np.float16
     with pytest.raises(StoreError, match="overflow float16"):
         to_storage(np.array([[1.0, 70000.0]], np.float32), "float16")
+
+
+@pytest.mark.parametrize("codec", ["blosc-zstd", "zstd", "none"])
+@pytest.mark.parametrize("dtype", [np.uint16, np.float32])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_shard_object_is_byte_identical_to_zarrs(tmp_path, codec, dtype, threads):
+    """The writer builds each activation array's storage object itself (inner chunks compressed in
+    parallel); zarr writing the same array produces exactly the same bytes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from harvest.store.shard import _ARRAY_CONFIG, BLOSC_BLOCKSIZE, _compressors
+    from harvest.store.shardfile import compressor, write_shard_object
+
+    rng = np.random.default_rng(3)
+    n, d, rows = 1000, 48, 64  # the last inner chunk is partial: zarr pads it with zeros
+    data = (rng.standard_normal((n, d)) * 3).astype(np.float32)
+    data = data.astype(np.float16).view(np.uint16) if dtype == np.uint16 else data
+    g = zarr.open_group(str(tmp_path), mode="w", zarr_format=3)
+    kw = dict(shape=data.shape, dtype=data.dtype, chunks=(rows, d), shards=(-(-n // rows) * rows, d),
+              compressors=_compressors(codec, 1, data.dtype.itemsize), config=_ARRAY_CONFIG)  # fmt: skip
+    g.create_array("by_zarr", **kw)[...] = data
+    g.create_array("by_harvest", **kw)
+    pool = ThreadPoolExecutor(threads) if threads > 1 else None
+    codec_ = compressor(codec, 1, data.dtype.itemsize, BLOSC_BLOCKSIZE)
+    write_shard_object(tmp_path / "by_harvest/c/0/0", data, rows, codec_, pool)
+    assert (tmp_path / "by_harvest/c/0/0").read_bytes() == (tmp_path / "by_zarr/c/0/0").read_bytes()
+    assert np.array_equal(g["by_harvest"][...], data)
