@@ -1,14 +1,44 @@
-"""Hook points, named as in TransformerLens so SAELens users feel at home.
+"""Hook points, named and defined as in TransformerLens so SAELens users feel at home.
 
-For layer L (0-based), with x the residual stream entering the block:
-    hook_resid_pre   x                                       = transformers hidden_states[L]
-    hook_attn_out    o_proj(attention(input_layernorm(x)))   = output of self_attn
-    hook_resid_mid   x + attn_out
-    mlp.hook_post    silu(gate_proj(h)) * up_proj(h), h = post_attention_layernorm(resid_mid)
-                     (width d_mlp: the input of down_proj, what transcoders read)
-    hook_mlp_out     down_proj(mlp.hook_post)                = output of mlp
-    hook_resid_post  resid_mid + mlp_out                     = hidden_states[L+1] for L < last
-                     (transformers' last hidden_states entry is after the final norm; ours is not)
+Every hook stores one row per token, [T, width]. Per-head tensors, which TransformerLens keeps as
+[T, heads, d_head], are flattened head-major to width heads*d_head (column h*Dh + d is head h,
+dimension d; `.reshape(T, heads, Dh)` restores them). D d_model, F d_mlp, H query heads, K kv heads,
+Dh head_dim.
+
+Outside the blocks (`Hook.layer` is -1 for hook_embed, before block 0, and n_layers for ln_final, after
+the last block, so hooks sort in forward order; neither has `blocks.L.` in its name):
+    hook_embed                embed_tokens(ids): the token embeddings entering block 0          D
+                              (Qwen2 has no positional embedding, so = blocks.0.hook_resid_pre)
+    ln_final.hook_normalized  x / sqrt(mean(x^2) + eps), x = the last block's hook_resid_post:  D
+                              (mean over d_model, in float32, stored in the model's dtype)
+                              the final RMSNorm BEFORE its weight, as TransformerLens' RMSNorm
+                              hooks x / scale before multiplying by w (with fold_ln the weight is
+                              folded into the unembed, so this is what its LM head reads);
+                              transformers' last hidden_states entry = this * model.norm.weight.
+                              Needs every layer: a prefill-only run then runs the whole model.
+
+For layer L (0-based), with x the residual stream entering the block and h = input_layernorm(x):
+    hook_resid_pre       x                                      = transformers hidden_states[L]    D
+    attn.hook_q          q_proj(h) (with its bias), BEFORE RoPE: [T, H, Dh] flattened              H*Dh
+    attn.hook_k          k_proj(h) (with its bias), BEFORE RoPE: [T, K, Dh] flattened              K*Dh
+                         (the K kv heads, not repeated to H, as TransformerLens' grouped-query
+                         attention without ungroup_grouped_query_attention)
+    attn.hook_v          v_proj(h) (with its bias): [T, K, Dh] flattened                            K*Dh
+    attn.hook_z          softmax(causal(rope(q) . rope(k) / sqrt(Dh))) @ v per query head (each     H*Dh
+                         reading its group's kv head): the attention output BEFORE o_proj,
+                         [T, H, Dh] flattened (exactly o_proj's input)
+    hook_attn_out        o_proj(attn.hook_z)                    = output of self_attn              D
+    hook_resid_mid       x + attn_out                                                              D
+    mlp.hook_pre         gate_proj(h2), h2 = post_attention_layernorm(resid_mid): BEFORE SiLU      F
+    mlp.hook_pre_linear  up_proj(h2)                                                               F
+    mlp.hook_post        silu(mlp.hook_pre) * mlp.hook_pre_linear: the input of down_proj          F
+                         (what transcoders read)
+    hook_mlp_out         down_proj(mlp.hook_post)               = output of mlp                    D
+    hook_resid_post      resid_mid + mlp_out                    = hidden_states[L+1] for L < last  D
+                         (transformers' last hidden_states entry is after the final norm; ours is not)
+
+Not offered: TransformerLens' post-rotary attn.hook_rot_q / attn.hook_rot_k, hook_attn_scores,
+hook_pattern, and the norms' hook_scale.
 """
 
 from __future__ import annotations
@@ -16,13 +46,37 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import re
+from collections.abc import Callable
 
 from harvest.engine.config import ModelConfig
 from harvest.errors import HarvestError
 
-KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_post", "mlp_out", "resid_post")
-_NAME_OF_KIND = {k: f"hook_{k}" for k in KINDS} | {"mlp_post": "mlp.hook_post"}
-_KIND_OF_NAME = {v: k for k, v in _NAME_OF_KIND.items()}
+
+@dataclasses.dataclass(frozen=True)
+class HookKind:
+    name: str  # the TransformerLens name; block kinds get a `blocks.L.` prefix
+    width: Callable[[ModelConfig], int]
+    site: str = "block"  # "block" (one per layer), "embed" (before block 0) or "final" (after the last block)
+
+
+# Every hook kind, in forward order: the one place that says what a kind is called and how wide it is.
+HOOK_KINDS: dict[str, HookKind] = {
+    "embed": HookKind("hook_embed", lambda c: c.d_model, "embed"),
+    "resid_pre": HookKind("hook_resid_pre", lambda c: c.d_model),
+    "q": HookKind("attn.hook_q", lambda c: c.n_heads * c.head_dim),
+    "k": HookKind("attn.hook_k", lambda c: c.n_kv_heads * c.head_dim),
+    "v": HookKind("attn.hook_v", lambda c: c.n_kv_heads * c.head_dim),
+    "z": HookKind("attn.hook_z", lambda c: c.n_heads * c.head_dim),
+    "attn_out": HookKind("hook_attn_out", lambda c: c.d_model),
+    "resid_mid": HookKind("hook_resid_mid", lambda c: c.d_model),
+    "mlp_pre": HookKind("mlp.hook_pre", lambda c: c.d_mlp),
+    "mlp_pre_linear": HookKind("mlp.hook_pre_linear", lambda c: c.d_mlp),
+    "mlp_post": HookKind("mlp.hook_post", lambda c: c.d_mlp),
+    "mlp_out": HookKind("hook_mlp_out", lambda c: c.d_model),
+    "resid_post": HookKind("hook_resid_post", lambda c: c.d_model),
+    "ln_final": HookKind("ln_final.hook_normalized", lambda c: c.d_model, "final"),
+}
+KINDS = tuple(k for k, v in HOOK_KINDS.items() if v.site == "block")  # the per-layer kinds
 
 
 class HookError(HarvestError, ValueError):
@@ -31,22 +85,51 @@ class HookError(HarvestError, ValueError):
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Hook:
+    """A block hook is (layer, kind); hook_embed is Hook(-1, "embed") and ln_final.hook_normalized is
+    Hook(n_layers, "ln_final") (see `embed_hook`, `final_hook`), so sorting follows the forward pass."""
+
     layer: int
     kind: str
 
+    def __post_init__(self):
+        site = HOOK_KINDS[self.kind].site if self.kind in HOOK_KINDS else None
+        if site is None:
+            raise HookError(f"unknown hook kind {self.kind!r}; valid kinds are {', '.join(HOOK_KINDS)}")
+        if (site == "embed" and self.layer != -1) or (site != "embed" and self.layer < 0):
+            raise HookError(f"hook kind {self.kind!r} cannot have layer {self.layer}")
+
+    @property
+    def is_block(self) -> bool:
+        return HOOK_KINDS[self.kind].site == "block"
+
     @property
     def name(self) -> str:
-        return f"blocks.{self.layer}.{_NAME_OF_KIND[self.kind]}"
+        name = HOOK_KINDS[self.kind].name
+        return f"blocks.{self.layer}.{name}" if self.is_block else name
+
+    @property
+    def depth(self) -> int:
+        """How many layers must run before this hook exists: 0 for hook_embed, all for ln_final."""
+        return self.layer if HOOK_KINDS[self.kind].site == "final" else self.layer + 1
 
     def width(self, cfg: ModelConfig) -> int:
-        return cfg.d_mlp if self.kind == "mlp_post" else cfg.d_model
+        return HOOK_KINDS[self.kind].width(cfg)
 
     def __str__(self) -> str:
         return self.name
 
 
+def embed_hook() -> Hook:
+    return Hook(-1, "embed")
+
+
+def final_hook(cfg: ModelConfig) -> Hook:
+    return Hook(cfg.n_layers, "ln_final")
+
+
 def all_hooks(cfg: ModelConfig) -> list[Hook]:
-    return [Hook(layer, kind) for layer in range(cfg.n_layers) for kind in KINDS]
+    blocks = [Hook(layer, kind) for layer in range(cfg.n_layers) for kind in KINDS]
+    return [embed_hook(), *blocks, final_hook(cfg)]
 
 
 def _expand_ranges(pattern: str, n_layers: int) -> list[str]:
@@ -63,8 +146,10 @@ def _expand_ranges(pattern: str, n_layers: int) -> list[str]:
 def parse_hooks(patterns: list[str] | str, cfg: ModelConfig) -> tuple[Hook, ...]:
     """Resolve names, globs (`blocks.*.hook_resid_post`) and ranges (`blocks.0-3.hook_mlp_out`).
 
-    Negative layers count from the end (`blocks.-1.hook_resid_post`). The result is sorted and
-    de-duplicated, so the order of the patterns never changes the data.
+    Negative layers count from the end (`blocks.-1.hook_resid_post`). `hook_embed` and
+    `ln_final.hook_normalized` are matched by their own names (or a pattern like `*`), never by a
+    `blocks.` pattern. The result is sorted (forward order) and de-duplicated, so the order of the
+    patterns never changes the data.
     """
     if isinstance(patterns, str):
         patterns = [patterns]
@@ -89,22 +174,26 @@ def parse_hooks(patterns: list[str] | str, cfg: ModelConfig) -> tuple[Hook, ...]
 
 def _unknown_message(pat: str, cfg: ModelConfig) -> str:
     m = re.fullmatch(r"blocks\.(\d+)\.(.+)", pat)
-    kinds = ", ".join(_NAME_OF_KIND.values())
-    if m and m[2] in _KIND_OF_NAME and int(m[1]) >= cfg.n_layers:
+    block_names = [HOOK_KINDS[k].name for k in KINDS]
+    if m and m[2] in block_names and int(m[1]) >= cfg.n_layers:
         return f"hook {pat!r}: layer {m[1]} does not exist; valid layers are 0-{cfg.n_layers - 1}"
     return (
-        f"unknown hook {pat!r}; valid hooks are blocks.{{0-{cfg.n_layers - 1}}}.{{{kinds}}} (globs and ranges allowed)"
+        f"unknown hook {pat!r}; valid hooks are {HOOK_KINDS['embed'].name}, "
+        f"blocks.{{0-{cfg.n_layers - 1}}}.{{{', '.join(block_names)}}}, {HOOK_KINDS['ln_final'].name} "
+        "(globs and ranges allowed)"
     )
 
 
 def kinds_by_layer(hooks: tuple[Hook, ...]) -> dict[int, frozenset[str]]:
+    """{layer: the kinds hooked in that block}; hooks outside the blocks are left out."""
     by: dict[int, set[str]] = {}
     for h in hooks:
-        by.setdefault(h.layer, set()).add(h.kind)
+        if h.is_block:
+            by.setdefault(h.layer, set()).add(h.kind)
     return {k: frozenset(v) for k, v in by.items()}
 
 
 def layers_needed(hooks: tuple[Hook, ...]) -> int:
-    """How many layers a forward pass must run to compute every hook (the deepest hook's layer + 1):
-    a prefill-only run stops there."""
-    return max((h.layer for h in hooks), default=-1) + 1
+    """How many layers a forward pass must run to compute every hook (the deepest block hook's layer + 1;
+    0 for hook_embed alone; every layer with ln_final.hook_normalized): a prefill-only run stops there."""
+    return max((h.depth for h in hooks), default=0)

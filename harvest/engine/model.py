@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from harvest.engine.config import ModelConfig
-from harvest.engine.hooks import Hook, kinds_by_layer
+from harvest.engine.hooks import Hook, HookError, kinds_by_layer
 from harvest.engine.params import stacked
 
 F32 = jnp.float32
@@ -32,10 +32,14 @@ def linear(x, w, b=None):
     return y.astype(x.dtype)
 
 
-def rms_norm(x, w, eps):
+def rms_normalize(x, eps):
+    """x / sqrt(mean(x^2) + eps) in float32: RMSNorm before its weight (TransformerLens' hook_normalized)."""
     xf = x.astype(F32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (w.astype(F32) * xf).astype(x.dtype)
+    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
+def rms_norm(x, w, eps):
+    return (w.astype(F32) * rms_normalize(x, eps)).astype(x.dtype)
 
 
 def rope(x, positions, theta):
@@ -117,24 +121,43 @@ def block(cfg: ModelConfig, p: dict, x, positions, attend, capture: frozenset[st
     """One decoder layer. x [B, S, D], positions [B, S].
 
     `attend(q, k, v) -> (out [B, S, H, Dh], ys)` supplies attention; ys is whatever the phase keeps
-    per layer (its new keys and values). Returns (x_out, ys, {kind: activation}) for the kinds in `capture`.
+    per layer (its new keys and values). Returns (x_out, ys, {kind: [B, S, width]}) for the block kinds in
+    `capture` (hooks.py defines them). Every kind is a value the layer computes anyway (per-head ones are
+    flattened views), and only the captured ones leave the layer, so an unrequested kind costs nothing.
     """
     b, s, _ = x.shape
     acts = {"resid_pre": x}
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    q = linear(h, p["q_w"], p["q_b"]).reshape(b, s, cfg.n_heads, cfg.head_dim)
-    k = linear(h, p["k_w"], p["k_b"]).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
-    v = linear(h, p["v_w"], p["v_b"]).reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
-    q = rope(q, positions, cfg.rope_theta)
-    k = rope(k, positions, cfg.rope_theta)
-    attn, ys = attend(q, k, v)
-    acts["attn_out"] = linear(attn.reshape(b, s, -1), p["o_w"])  # no o_proj bias
+    acts["q"] = linear(h, p["q_w"], p["q_b"])  # [B, S, H*Dh], before RoPE
+    acts["k"] = linear(h, p["k_w"], p["k_b"])  # [B, S, K*Dh]
+    acts["v"] = linear(h, p["v_w"], p["v_b"])
+    q = rope(acts["q"].reshape(b, s, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
+    k = rope(acts["k"].reshape(b, s, cfg.n_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+    attn, ys = attend(q, k, acts["v"].reshape(b, s, cfg.n_kv_heads, cfg.head_dim))  # [B, S, H, Dh]
+    acts["z"] = attn.reshape(b, s, -1)  # [B, S, H*Dh]
+    acts["attn_out"] = linear(acts["z"], p["o_w"])  # no o_proj bias
     x = acts["resid_mid"] = x + acts["attn_out"]
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-    acts["mlp_post"] = jax.nn.silu(linear(h, p["gate_w"])) * linear(h, p["up_w"])  # [B, S, F]
+    acts["mlp_pre"] = linear(h, p["gate_w"])  # [B, S, F]
+    acts["mlp_pre_linear"] = linear(h, p["up_w"])
+    acts["mlp_post"] = jax.nn.silu(acts["mlp_pre"]) * acts["mlp_pre_linear"]
     acts["mlp_out"] = linear(acts["mlp_post"], p["down_w"])
     x = acts["resid_post"] = x + acts["mlp_out"]
     return x, ys, {k: a for k, a in acts.items() if k in capture}
+
+
+def outer_acts(cfg: ModelConfig, hooks: tuple[Hook, ...], embedded, final) -> dict:
+    """The hooks outside the blocks: hook_embed (`embedded`, the embeddings entering block 0) and
+    ln_final.hook_normalized (`final` [B, S, D], the last block's output, normalised without the weight)."""
+    acts = {}
+    for h in hooks:
+        if h.kind == "embed":
+            acts[h.name] = embedded
+        elif h.kind == "ln_final":
+            if h.layer != cfg.n_layers:  # a truncated model (prefill-only) must not pass for the full one
+                raise HookError(f"{h.name} is after layer {h.layer - 1}, but this forward pass runs {cfg.n_layers}")
+            acts[h.name] = rms_normalize(final, cfg.rms_norm_eps).astype(final.dtype)
+    return acts
 
 
 def scan_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...], per_layer=None):
@@ -144,10 +167,15 @@ def scan_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hoo
     (e.g. the cache each layer reads), sliced per layer. Hooked activations are written from inside
     the scan into one [n_hooked + 1, ...] buffer per kind; un-hooked layers write the spare last slot.
     Returns (x [B, S, D] before the final norm, ys stacked [L, ...], {hook name: [B, S, width]}).
+    With cfg.n_layers == 0 (a prefill-only run capturing hook_embed alone) nothing runs and ys is None.
     """
     n_layers = cfg.n_layers
-    kinds = sorted({h.kind for h in hooks})
-    layers_of = {kind: sorted(h.layer for h in hooks if h.kind == kind) for kind in kinds}
+    if n_layers == 0:
+        return x, None, outer_acts(cfg, hooks, x, x)
+    embedded = x
+    block_hooks = tuple(h for h in hooks if h.is_block)
+    kinds = sorted({h.kind for h in block_hooks})
+    layers_of = {kind: sorted(h.layer for h in block_hooks if h.kind == kind) for kind in kinds}
     slot = {kind: np.full(n_layers, len(ls), np.int32) for kind, ls in layers_of.items()}  # [L]
     for kind, ls in layers_of.items():
         slot[kind][ls] = np.arange(len(ls))
@@ -163,8 +191,8 @@ def scan_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hoo
 
     xs = (stacked(params), per_layer, {kind: jnp.asarray(s) for kind, s in slot.items()})
     (x, bufs), ys = jax.lax.scan(body, (x, bufs), xs)
-    acts = {h.name: bufs[h.kind][int(slot[h.kind][h.layer])] for h in hooks}
-    return x, ys, acts
+    acts = {h.name: bufs[h.kind][int(slot[h.kind][h.layer])] for h in block_hooks}
+    return x, ys, acts | outer_acts(cfg, hooks, embedded, x)
 
 
 def unrolled_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...]):
@@ -172,12 +200,12 @@ def unrolled_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple
     every step (XLA:CPU does not alias the slice), +50% per decode step at 0.5B.
     `attend(layer, q, k, v) -> (out, ys)`. Returns (x, (ys per layer, ...), {hook name: [B, S, width]})."""
     wanted = kinds_by_layer(hooks)
-    ys_all, acts = [], {}
+    embedded, ys_all, acts = x, [], {}
     for i, lp in enumerate(params["layers"]):
         x, ys, layer_acts = block(cfg, lp, x, positions, functools.partial(attend, i), wanted.get(i, frozenset()))
         ys_all.append(ys)
         acts |= {Hook(i, kind).name: a for kind, a in layer_acts.items()}
-    return x, tuple(ys_all), acts
+    return x, tuple(ys_all), acts | outer_acts(cfg, hooks, embedded, x)
 
 
 def embed(params, tokens):

@@ -32,21 +32,27 @@ def prefill_chunk(
     """-> (state with the chunk in its slots' caches, {hook name: [R, C, width]} activations).
 
     arm=False (prefill-only runs) skips the LM head and leaves the slots unarmed: nothing decodes.
-    cfg.n_layers may be below the checkpoint's (params["layers"] then holds only those layers)."""
+    cfg.n_layers may be below the checkpoint's (params["layers"] then holds only those layers), down to 0
+    (hook_embed alone: no layer runs and there is no cache)."""
     r, c = chunk.tokens.shape
     rows = jnp.minimum(chunk.slot, state.num_slots - 1)  # idle lanes read some slot; their writes drop
     positions = chunk.start[:, None] + jnp.arange(c, dtype=jnp.int32)  # [R, C]
     x = model.embed(params, chunk.tokens)  # [R, C, D]
     prior = (
-        jnp.stack([k[rows] for k, _ in state.cache]),  # [L, R, K, S_max, Dh]
-        jnp.stack([v[rows] for _, v in state.cache]),
+        (
+            jnp.stack([k[rows] for k, _ in state.cache]),  # [L, R, K, S_max, Dh]
+            jnp.stack([v[rows] for _, v in state.cache]),
+        )
+        if state.cache
+        else None
     )
 
     def attend(q, k, v, layer_prior):
         pk, pv = layer_prior
         return model.chunk_attention(q, k, v, pk, pv, chunk.start, c), (k, v)
 
-    x, (new_k, new_v), acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior)  # new: [L,R,C,K,Dh]
+    x, ys, acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior)
+    new_k, new_v = ys if state.cache else ((), ())  # [L, R, C, K, Dh]
     cols = positions  # [R, C]
     slots = chunk.slot[:, None]  # [R, 1]
     cache = tuple(

@@ -1,11 +1,14 @@
-"""The JAX Qwen2 forward equals transformers' at float32 1e-4 on 500+ token prompts."""
+"""The JAX Qwen2 forward equals transformers' at float32 1e-4 on 500+ token prompts, at every hook point,
+in prefill and in cached decode."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from harvest.engine.generate import GenerateConfig, Generator
-from harvest.engine.hooks import parse_hooks
+from harvest.engine.hooks import HookError, parse_hooks
 from harvest.engine.model import logits as lm_logits
 from harvest.engine.prefill import forward
 from helpers.models import hf_forward, random_ids
@@ -23,6 +26,53 @@ ALL_KINDS = [
     "blocks.*.mlp.hook_post",
     "blocks.*.hook_resid_mid",
 ]
+# The TransformerLens hook points that transformers' outputs do not give directly: caught by `hf_forward_tl`.
+TL_HOOKS = [
+    "hook_embed",
+    "blocks.*.attn.hook_q",
+    "blocks.*.attn.hook_k",
+    "blocks.*.attn.hook_v",
+    "blocks.*.attn.hook_z",
+    "blocks.*.mlp.hook_pre",
+    "blocks.*.mlp.hook_pre_linear",
+    "ln_final.hook_normalized",
+]
+
+
+TL_BLOCK_KINDS = tuple(p.removeprefix("blocks.*.") for p in TL_HOOKS if p.startswith("blocks.*."))
+
+
+def hf_forward_tl(model, ids):
+    """`hf_forward` plus the TL_HOOKS, caught with extra torch forward hooks on transformers' modules:
+    q/k/v_proj outputs (before RoPE, with bias), o_proj's input (attn.hook_z), gate_proj and up_proj
+    outputs, the embeddings, and the final norm's input normalised without its weight."""
+    caught, handles = {}, []
+
+    def catch(module, name, what):
+        def hook(m, args, out):
+            caught[name] = (out if what == "out" else args[0])[0].detach().numpy().copy()
+
+        handles.append(module.register_forward_hook(hook))
+
+    catch(model.model.embed_tokens, "hook_embed", "out")
+    catch(model.model.norm, "ln_final.input", "in")
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        catch(attn.q_proj, f"blocks.{i}.attn.hook_q", "out")
+        catch(attn.k_proj, f"blocks.{i}.attn.hook_k", "out")
+        catch(attn.v_proj, f"blocks.{i}.attn.hook_v", "out")
+        catch(attn.o_proj, f"blocks.{i}.attn.hook_z", "in")
+        catch(mlp.gate_proj, f"blocks.{i}.mlp.hook_pre", "out")
+        catch(mlp.up_proj, f"blocks.{i}.mlp.hook_pre_linear", "out")
+    try:
+        out, base = hf_forward(model, ids)
+    finally:
+        for h in handles:
+            h.remove()
+    x = torch.from_numpy(caught.pop("ln_final.input"))
+    eps = model.config.rms_norm_eps
+    caught["ln_final.hook_normalized"] = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).numpy()
+    return out, base | caught
 
 
 @pytest.mark.parametrize("path", ["forward", "chunked-prefill-128", "one-chunk-1024"])
@@ -33,8 +83,8 @@ def test_prefill_matches_transformers(hf_tiny, loaded_tiny, path):
     lm = loaded_tiny
     n = 600
     ids = random_ids(n, seed=1)
-    out, caught = hf_forward(model, ids)
-    hooks = parse_hooks(ALL_KINDS, lm.cfg)
+    out, caught = hf_forward_tl(model, ids)
+    hooks = parse_hooks(ALL_KINDS + TL_HOOKS, lm.cfg)
     if path == "forward":
         x, acts = forward(lm.cfg, lm.params, jnp.asarray(ids[None]), hooks=hooks)
         logits = lm_logits(lm.cfg, lm.params, x[0, -1])
@@ -55,13 +105,23 @@ def test_prefill_matches_transformers(hf_tiny, loaded_tiny, path):
             np.testing.assert_allclose(
                 acts[f"blocks.{layer}.hook_resid_post"], out.hidden_states[layer + 1][0].numpy(), atol=ATOL, rtol=0
             )
-        for kind in ("hook_attn_out", "hook_mlp_out", "mlp.hook_post"):
+        for kind in ("hook_attn_out", "hook_mlp_out", "mlp.hook_post") + TL_BLOCK_KINDS:
             name = f"blocks.{layer}.{kind}"
             np.testing.assert_allclose(acts[name], caught[name], atol=ATOL, rtol=0, err_msg=name)
         mid = acts[f"blocks.{layer}.hook_resid_pre"] + acts[f"blocks.{layer}.hook_attn_out"]
         np.testing.assert_allclose(acts[f"blocks.{layer}.hook_resid_mid"], mid, atol=1e-6, rtol=0)
+    for name in ("hook_embed", "ln_final.hook_normalized"):
+        np.testing.assert_allclose(acts[name], caught[name], atol=ATOL, rtol=0, err_msg=name)
+    np.testing.assert_array_equal(acts["hook_embed"], acts["blocks.0.hook_resid_pre"])
+    # hook_normalized is the final norm before its weight: times the weight, transformers' last hidden state.
+    w, last = model.model.norm.weight.detach().numpy(), out.hidden_states[-1][0].numpy()
+    np.testing.assert_allclose(acts["ln_final.hook_normalized"] * w, last, atol=ATOL, rtol=0)
+    for h in hooks:
+        assert acts[h.name].shape == (n, h.width(lm.cfg)), h.name
     # The activations are far from trivial, so 1e-4 is a real test.
     assert np.abs(acts[f"blocks.{L - 1}.hook_resid_post"]).mean() > 0.1
+    for name in caught:
+        assert np.abs(caught[name]).mean() > 0.05, name
 
 
 def test_final_layer_resid_post_normed_equals_last_hidden_state(hf_tiny, loaded_tiny):
@@ -75,3 +135,52 @@ def test_final_layer_resid_post_normed_equals_last_hidden_state(hf_tiny, loaded_
     _, acts = forward(lm.cfg, lm.params, jnp.asarray(ids[None]), hooks=hooks)
     normed = rms_norm(list(acts.values())[0][0], lm.params["final_norm"], lm.cfg.rms_norm_eps)
     np.testing.assert_allclose(np.asarray(normed), out.hidden_states[-1][0].numpy(), atol=ATOL, rtol=0)
+
+
+def test_tl_hooks_cached_decode_equals_full_forward_and_transformers(hf_tiny, loaded_tiny):
+    """Every TL_HOOKS point captured while decoding (one token at a time from the KV cache, two slots of
+    different lengths, a prompt over two prefill chunks) equals the full forward pass over prompt + answer,
+    and transformers' forward over the same tokens."""
+    model, _ = hf_tiny
+    lm = loaded_tiny
+    hooks = parse_hooks(TL_HOOKS, lm.cfg)
+    prompts = [list(random_ids(150, 21)), list(random_ids(5, 22))]
+    gcfg = GenerateConfig(
+        2, 2, 64, max_prompt_len=150, max_new_tokens=12, fixed_length=True, prefill_hooks=hooks, decode_hooks=hooks
+    )
+    outs = Generator(lm.cfg, lm.params, gcfg).generate(prompts, [0, 1])
+    for prompt, done in zip(prompts, outs):
+        assert len(done.tokens) == 12
+        full = np.array(prompt + list(done.tokens), np.int32)
+        _, acts = forward(lm.cfg, lm.params, jnp.asarray(full[None]), hooks=hooks)
+        _, caught = hf_forward_tl(model, full)
+        n = len(prompt)
+        for h in hooks:
+            ref = np.asarray(acts[h.name])[0]
+            assert done.decode_acts[h.name].shape == (12, h.width(lm.cfg)), h.name
+            np.testing.assert_allclose(done.prefill_acts[h.name], ref[:n], atol=ATOL, rtol=0, err_msg=h.name)
+            np.testing.assert_allclose(done.decode_acts[h.name], ref[n:], atol=ATOL, rtol=0, err_msg=h.name)
+            np.testing.assert_allclose(done.decode_acts[h.name], caught[h.name][n:], atol=ATOL, rtol=0, err_msg=h.name)
+
+
+def test_prefill_only_runs_no_layer_for_hook_embed_and_all_for_ln_final(hf_tiny, loaded_tiny):
+    lm = loaded_tiny
+    model, _ = hf_tiny
+    ids = random_ids(100, 23)  # two chunks of 64: the second would read the (absent) cache
+    _, caught = hf_forward_tl(model, ids)
+    for pattern, depth in (("hook_embed", 0), ("ln_final.hook_normalized", lm.cfg.n_layers)):
+        hooks = parse_hooks(pattern, lm.cfg)
+        gcfg = GenerateConfig(2, 2, 64, max_prompt_len=100, max_new_tokens=0, prefill_hooks=hooks)
+        gen = Generator(lm.cfg, lm.params, gcfg)
+        assert gen.cfg.n_layers == depth and len(gen.params["layers"]) == depth
+        (done,) = gen.generate([ids], [0])
+        np.testing.assert_allclose(done.prefill_acts[pattern], caught[pattern], atol=ATOL, rtol=0, err_msg=pattern)
+
+
+def test_ln_final_refuses_a_truncated_model(loaded_tiny):
+    lm = loaded_tiny
+    hooks = parse_hooks("ln_final.hook_normalized", lm.cfg)
+    cfg = dataclasses.replace(lm.cfg, n_layers=1)
+    params = {**lm.params, "layers": lm.params["layers"][:1]}
+    with pytest.raises(HookError, match="ln_final.hook_normalized"):
+        forward(cfg, params, jnp.zeros((1, 8), jnp.int32), hooks=hooks)
