@@ -18,6 +18,7 @@ import sys
 from harvest import arc
 from harvest.cli import inspect
 from harvest.errors import HarvestError
+from harvest.sae import cli as sae_cli
 
 log = logging.getLogger("harvest")
 _MACHINE_ERRORS = {
@@ -39,7 +40,7 @@ def format_report(summary: dict, out: str) -> str:
         f"  this session: {s['sequences']} sequences in {s['seconds']:.1f} s, "
         f"{s['tokens_per_second']:,.0f} tok/s (prompt {s['prompt_tokens']:,} + generated {s['generated_tokens']:,})",
         f"  skipped: {summary['skipped_invalid']} invalid tasks, {summary['skipped_too_long']} prompts too long",
-        arc.format_summary(summary["arc"]),
+        arc.format_summary(summary["arc"]) if summary["arc"] else "  answers: not generated (prefill-only run)",
     ]
     return "\n".join(lines)
 
@@ -92,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(title="commands", required=True, metavar="COMMAND")
     _add_run(sub)
     inspect.add_commands(sub)
+    sae_cli.add_commands(sub)
     return ap
 
 
