@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from harvest.engine import model
 from harvest.engine.config import ModelConfig
-from harvest.engine.hooks import Hook
+from harvest.engine.hooks import Edit, Hook
 from harvest.engine.sampling import SamplingConfig, sample
 from harvest.engine.state import SlotState, StopTables
 from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_STRING
@@ -32,6 +32,7 @@ class DecodeConfig:
     sampling: SamplingConfig = SamplingConfig()
     fixed_length: bool = False  # generate exactly max_new_tokens: EOS and stop strings are ignored
     hooks: tuple[Hook, ...] = ()  # captured at every step
+    edit: Edit | None = None  # a hook's value replaced by edit.fn(edit_params, x) (the spliced model)
 
 
 def stop_check(dcfg: DecodeConfig, s: SlotState, tables: StopTables, tok):
@@ -53,7 +54,9 @@ def stop_check(dcfg: DecodeConfig, s: SlotState, tables: StopTables, tok):
     return hit_eos | hit_string | hit_length, reason, stop_state
 
 
-def decode_step(cfg: ModelConfig, dcfg: DecodeConfig, params, s: SlotState, tables: StopTables) -> SlotState:
+def decode_step(
+    cfg: ModelConfig, dcfg: DecodeConfig, params, s: SlotState, tables: StopTables, edit_params=None
+) -> SlotState:
     n, t_max = s.tokens.shape
     live = s.active
     rows = jnp.arange(n)
@@ -72,7 +75,9 @@ def decode_step(cfg: ModelConfig, dcfg: DecodeConfig, params, s: SlotState, tabl
         return model.cached_attention(q, kc, vc, valid), (kc, vc)
 
     x = model.embed(params, tok[:, None])  # [N, 1, D]
-    x, cache, acts = model.unrolled_layers(cfg, params, x, s.length[:, None], attend, dcfg.hooks)
+    x, cache, acts = model.unrolled_layers(
+        cfg, params, x, s.length[:, None], attend, dcfg.hooks, dcfg.edit, edit_params
+    )
     at = jnp.where(live, s.num_generated, t_max)  # [N]; dead slots: dropped
     grow = live.astype(jnp.int32)
     return SlotState(
@@ -92,7 +97,14 @@ def decode_step(cfg: ModelConfig, dcfg: DecodeConfig, params, s: SlotState, tabl
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dcfg"), donate_argnames=("state",))
 def decode_segment(
-    cfg: ModelConfig, dcfg: DecodeConfig, params, state: SlotState, tables: StopTables, max_steps, want_free
+    cfg: ModelConfig,
+    dcfg: DecodeConfig,
+    params,
+    state: SlotState,
+    tables: StopTables,
+    max_steps,
+    want_free,
+    edit_params=None,
 ) -> tuple[SlotState, jax.Array]:
     """Advance the pool until max_steps, or want_free slots are free, or no slot is live.
     -> (state, steps run)."""
@@ -104,7 +116,7 @@ def decode_segment(
 
     def body(c):
         i, s = c
-        return i + 1, decode_step(cfg, dcfg, params, s, tables)
+        return i + 1, decode_step(cfg, dcfg, params, s, tables, edit_params)
 
     steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
     return state, steps

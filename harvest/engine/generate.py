@@ -30,7 +30,7 @@ import numpy as np
 
 from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
-from harvest.engine.hooks import Hook, layers_needed
+from harvest.engine.hooks import Edit, Hook, layers_needed
 from harvest.engine.prefill import prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
@@ -54,6 +54,7 @@ class GenerateConfig:
     # in a pool of this size (one more compiled decode program); None: decode_slots // 4; 0: never
     prefill_hooks: tuple[Hook, ...] = ()
     decode_hooks: tuple[Hook, ...] = ()
+    edit: Edit | None = None  # one hook's value replaced in prefill and decode (Generator's edit_params)
 
     def __post_init__(self):
         for name in ("batch_size", "decode_slots", "max_prompt_len", "segment_steps"):
@@ -140,15 +141,17 @@ jax.monitoring.register_event_duration_secs_listener(CompileCounter.on_event)
 
 
 class Generator:
-    def __init__(self, cfg: ModelConfig, params, gcfg: GenerateConfig, *, eos_ids=(), token_bytes=None):
+    def __init__(
+        self, cfg: ModelConfig, params, gcfg: GenerateConfig, *, eos_ids=(), token_bytes=None, edit_params=None
+    ):
         if gcfg.sampling.top_k > cfg.vocab_size:
             raise FieldError("top_k", f"{gcfg.sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})")
         if gcfg.prefill_only:  # stop at the deepest hooked layer: the rest of the model is never run
             depth = layers_needed(gcfg.prefill_hooks)
             cfg = dataclasses.replace(cfg, n_layers=depth)
             params = {**params, "layers": tuple(params["layers"][:depth])}
-        self.cfg, self.params, self.gcfg = cfg, params, gcfg
-        self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.fixed_length, gcfg.decode_hooks)
+        self.cfg, self.params, self.gcfg, self.edit_params = cfg, params, gcfg, edit_params
+        self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.fixed_length, gcfg.decode_hooks, gcfg.edit)
         rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)
         self.tables = StopTables(*rules.tables(cfg.vocab_size))
         self.timings = {
@@ -197,7 +200,14 @@ class Generator:
             need = min(lanes.idle, len(queue)) if queue else n_slots + 1
             t0 = time.perf_counter()
             state, steps = decode_segment(
-                self.cfg, self.dcfg, self.params, state, self.tables, g.segment_steps, n_slots - len(live) + need
+                self.cfg,
+                self.dcfg,
+                self.params,
+                state,
+                self.tables,
+                g.segment_steps,
+                n_slots - len(live) + need,
+                self.edit_params,
             )
             steps, active, num_generated, stop_reason, logprob = jax.device_get(
                 (steps, state.active, state.num_generated, state.stop_reason, state.logprob)
@@ -298,7 +308,9 @@ class Generator:
                 seq.next_chunk += 1
                 last[r] = begin + c >= len(seq.prompt)
             chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
-            state, acts = prefill_chunk(self.cfg, g.prefill_hooks, self.params, state, chunk, arm=not g.prefill_only)
+            state, acts = prefill_chunk(
+                self.cfg, g.prefill_hooks, self.params, state, chunk, not g.prefill_only, g.edit, self.edit_params
+            )
             calls.append(acts)
             self.timings["prefill_calls"] += 1
             started += [seq for seq, done in zip(lanes.seqs, last) if done]

@@ -197,3 +197,26 @@ def layers_needed(hooks: tuple[Hook, ...]) -> int:
     """How many layers a forward pass must run to compute every hook (the deepest block hook's layer + 1;
     0 for hook_embed alone; every layer with ln_final.hook_normalized): a prefill-only run stops there."""
     return max((h.depth for h in hooks), default=0)
+
+
+EDITABLE_KINDS = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """Replace one block hook's value in the forward pass by `fn(params, x)`, e.g. an SAE's reconstruction
+    (the spliced model). x [..., width] in the model's dtype; fn must be pure and traceable by jit, and
+    `params` (any pytree) is passed to the engine beside it, so one compiled program serves new weights.
+    Only values that flow on are editable: the residual stream and the two outputs added to it. A hook
+    captured at the edited point records the edited value (what the rest of the model sees)."""
+
+    hook: Hook
+    fn: Callable
+
+    def __post_init__(self):
+        if self.hook.kind not in EDITABLE_KINDS:
+            raise HookError(
+                f"{self.hook.name} cannot be edited; editable hooks are blocks.L.{{"
+                + ",".join(HOOK_KINDS[k].name for k in EDITABLE_KINDS)
+                + "}"
+            )

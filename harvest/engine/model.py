@@ -117,15 +117,21 @@ def cached_attention(q, k_cache, v_cache, valid):
     return out.reshape(b, 1, h, dh).astype(v_cache.dtype)
 
 
-def block(cfg: ModelConfig, p: dict, x, positions, attend, capture: frozenset[str]):
+def block(cfg: ModelConfig, p: dict, x, positions, attend, capture: frozenset[str], edit=None, edit_kind=None):
     """One decoder layer. x [B, S, D], positions [B, S].
 
     `attend(q, k, v) -> (out [B, S, H, Dh], ys)` supplies attention; ys is whatever the phase keeps
     per layer (its new keys and values). Returns (x_out, ys, {kind: [B, S, width]}) for the block kinds in
     `capture` (hooks.py defines them). Every kind is a value the layer computes anyway (per-head ones are
     flattened views), and only the captured ones leave the layer, so an unrequested kind costs nothing.
+    `edit(value) -> value` replaces the value of kind `edit_kind` (hooks.Edit) before anything reads it.
     """
     b, s, _ = x.shape
+
+    def put(kind, value):
+        return edit(value) if kind == edit_kind else value
+
+    x = put("resid_pre", x)
     acts = {"resid_pre": x}
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     acts["q"] = linear(h, p["q_w"], p["q_b"])  # [B, S, H*Dh], before RoPE
@@ -135,14 +141,14 @@ def block(cfg: ModelConfig, p: dict, x, positions, attend, capture: frozenset[st
     k = rope(acts["k"].reshape(b, s, cfg.n_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     attn, ys = attend(q, k, acts["v"].reshape(b, s, cfg.n_kv_heads, cfg.head_dim))  # [B, S, H, Dh]
     acts["z"] = attn.reshape(b, s, -1)  # [B, S, H*Dh]
-    acts["attn_out"] = linear(acts["z"], p["o_w"])  # no o_proj bias
-    x = acts["resid_mid"] = x + acts["attn_out"]
+    acts["attn_out"] = put("attn_out", linear(acts["z"], p["o_w"]))  # no o_proj bias
+    x = acts["resid_mid"] = put("resid_mid", x + acts["attn_out"])
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     acts["mlp_pre"] = linear(h, p["gate_w"])  # [B, S, F]
     acts["mlp_pre_linear"] = linear(h, p["up_w"])
     acts["mlp_post"] = jax.nn.silu(acts["mlp_pre"]) * acts["mlp_pre_linear"]
-    acts["mlp_out"] = linear(acts["mlp_post"], p["down_w"])
-    x = acts["resid_post"] = x + acts["mlp_out"]
+    acts["mlp_out"] = put("mlp_out", linear(acts["mlp_post"], p["down_w"]))
+    x = acts["resid_post"] = put("resid_post", x + acts["mlp_out"])
     return x, ys, {k: a for k, a in acts.items() if k in capture}
 
 
@@ -160,13 +166,16 @@ def outer_acts(cfg: ModelConfig, hooks: tuple[Hook, ...], embedded, final) -> di
     return acts
 
 
-def scan_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...], per_layer=None):
+def scan_layers(
+    cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...], per_layer=None, edit=None, edit_params=None
+):
     """All layers as one `lax.scan` over the stacked weights: XLA compiles one layer body.
 
     `attend(q, k, v, layer_inputs) -> (out, ys)`; `per_layer` is a pytree with a leading layer axis
     (e.g. the cache each layer reads), sliced per layer. Hooked activations are written from inside
     the scan into one [n_hooked + 1, ...] buffer per kind; un-hooked layers write the spare last slot.
     Returns (x [B, S, D] before the final norm, ys stacked [L, ...], {hook name: [B, S, width]}).
+    edit (hooks.Edit, static) with edit_params: its layer takes the edited branch of a `lax.cond`.
     With cfg.n_layers == 0 (a prefill-only run capturing hook_embed alone) nothing runs and ys is None.
     """
     n_layers = cfg.n_layers
@@ -184,25 +193,42 @@ def scan_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hoo
 
     def body(carry, xs):
         x, bufs = carry
-        lp, inputs, where = xs
-        x, ys, acts = block(cfg, lp, x, positions, lambda q, k, v: attend(q, k, v, inputs), frozenset(kinds))
+        lp, inputs, where, layer = xs
+        fn = None if edit is None else _edit_at(edit, edit_params, layer == edit.hook.layer)
+        kind = None if edit is None else edit.hook.kind
+        x, ys, acts = block(cfg, lp, x, positions, lambda q, k, v: attend(q, k, v, inputs), frozenset(kinds), fn, kind)
         bufs = {kind: jax.lax.dynamic_update_index_in_dim(bufs[kind], acts[kind], where[kind], 0) for kind in kinds}
         return (x, bufs), ys
 
-    xs = (stacked(params), per_layer, {kind: jnp.asarray(s) for kind, s in slot.items()})
+    xs = (stacked(params), per_layer, {kind: jnp.asarray(s) for kind, s in slot.items()}, jnp.arange(n_layers))
     (x, bufs), ys = jax.lax.scan(body, (x, bufs), xs)
     acts = {h.name: bufs[h.kind][int(slot[h.kind][h.layer])] for h in block_hooks}
     return x, ys, acts | outer_acts(cfg, hooks, embedded, x)
 
 
-def unrolled_layers(cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...]):
+def _edit_at(edit, edit_params, here):
+    """The edit as a function of a value, applied only where `here` (a traced bool) holds."""
+
+    def fn(value):
+        return jax.lax.cond(here, lambda v: edit.fn(edit_params, v).astype(v.dtype), lambda v: v, value)
+
+    return fn
+
+
+def unrolled_layers(
+    cfg: ModelConfig, params, x, positions, attend, hooks: tuple[Hook, ...], edit=None, edit_params=None
+):
     """All layers as straight-line code, for decode: a scanned layer copies its weights out of the stack
     every step (XLA:CPU does not alias the slice), +50% per decode step at 0.5B.
     `attend(layer, q, k, v) -> (out, ys)`. Returns (x, (ys per layer, ...), {hook name: [B, S, width]})."""
     wanted = kinds_by_layer(hooks)
     embedded, ys_all, acts = x, [], {}
     for i, lp in enumerate(params["layers"]):
-        x, ys, layer_acts = block(cfg, lp, x, positions, functools.partial(attend, i), wanted.get(i, frozenset()))
+        here = edit is not None and edit.hook.layer == i
+        fn = (lambda v: edit.fn(edit_params, v).astype(v.dtype)) if here else None
+        x, ys, layer_acts = block(
+            cfg, lp, x, positions, functools.partial(attend, i), wanted.get(i, frozenset()), fn, here and edit.hook.kind
+        )
         ys_all.append(ys)
         acts |= {Hook(i, kind).name: a for kind, a in layer_acts.items()}
     return x, tuple(ys_all), acts | outer_acts(cfg, hooks, embedded, x)

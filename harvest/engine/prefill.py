@@ -20,14 +20,21 @@ import jax.numpy as jnp
 
 from harvest.engine import model
 from harvest.engine.config import ModelConfig
-from harvest.engine.hooks import Hook
+from harvest.engine.hooks import Edit, Hook
 from harvest.engine.state import PrefillChunk, SlotState
 from harvest.engine.stopping import STOP_NONE
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hooks", "arm"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "hooks", "arm", "edit"), donate_argnames=("state",))
 def prefill_chunk(
-    cfg: ModelConfig, hooks: tuple[Hook, ...], params, state: SlotState, chunk: PrefillChunk, arm: bool = True
+    cfg: ModelConfig,
+    hooks: tuple[Hook, ...],
+    params,
+    state: SlotState,
+    chunk: PrefillChunk,
+    arm: bool = True,
+    edit: Edit | None = None,
+    edit_params=None,
 ):
     """-> (state with the chunk in its slots' caches, {hook name: [R, C, width]} activations).
 
@@ -51,7 +58,7 @@ def prefill_chunk(
         pk, pv = layer_prior
         return model.chunk_attention(q, k, v, pk, pv, chunk.start, c), (k, v)
 
-    x, ys, acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior)
+    x, ys, acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior, edit, edit_params)
     new_k, new_v = ys if state.cache else ((), ())  # [L, R, C, K, Dh]
     cols = positions  # [R, C]
     slots = chunk.slot[:, None]  # [R, 1]
@@ -82,17 +89,22 @@ def prefill_chunk(
     return state, acts
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "hooks"))
-def forward(cfg: ModelConfig, params, tokens, *, hooks: tuple[Hook, ...] = ()):
+@functools.partial(jax.jit, static_argnames=("cfg", "hooks", "edit"))
+def forward(
+    cfg: ModelConfig, params, tokens, *, hooks: tuple[Hook, ...] = (), edit: Edit | None = None, edit_params=None
+):
     """tokens [B, S] -> (x [B, S, D] before the final norm, {hook name: [B, S, width]}).
 
     Causal masking alone keeps right padding out of every real token's view. `model.logits(cfg,
-    params, x)` gives the logits (B x S x V floats: mind the size)."""
+    params, x)` gives the logits (B x S x V floats: mind the size). `edit` (hooks.Edit) with
+    `edit_params` replaces one hook's value on the way (the spliced model)."""
     b, s = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
 
     def attend(q, k, v, _):
         return model.chunk_attention(q, k, v, None, None, None, s), None
 
-    x, _, acts = model.scan_layers(cfg, params, model.embed(params, tokens), positions, attend, hooks)
+    x, _, acts = model.scan_layers(
+        cfg, params, model.embed(params, tokens), positions, attend, hooks, None, edit, edit_params
+    )
     return x, acts

@@ -35,9 +35,30 @@ def format_report(summary: dict, out: str) -> str:
         "  " + _figures_line("train (last window)", tr),
         "  " + _figures_line(f"eval ({summary['heldout_sequences']} held-out sequences)", summary["eval"]),
         f"  dead latents: {tr.get('dead', '-')} of {summary['d_sae']:,}",
+        *_spliced_lines(summary.get("spliced")),
         f"  saved: {', '.join(f'{k} {v}' for k, v in summary['paths'].items() if k in ('sae', 'saelens'))}",
     ]
     return "\n".join(lines)
+
+
+def _spliced_lines(sp: dict | None) -> list[str]:
+    if not sp:
+        return []
+    if "skipped" in sp:
+        return [f"  spliced model: skipped ({sp['skipped']})"]
+    lines = [f"  spliced model ({sp['sequences']} held-out sequences, the SAE substituted at {sp['hook']}):"]
+    for part in ("prompt", "answer"):
+        p = sp[part]
+        if p["ce_clean"] is not None:
+            lines.append(
+                f"    {part} tokens: CE {_fmt(p['ce_clean'])} clean, {_fmt(p['ce_spliced'])} spliced "
+                f"({_fmt(p['ce_increase'], '+.4f')}), {_fmt(p['ce_zero_ablation'])} zero-ablated; "
+                f"loss recovered {_fmt(p['loss_recovered'])}"
+            )
+    if sp.get("answers"):
+        a = sp["answers"]
+        lines.append(f"    greedy answers whose grid changes: {a['changed']} of {a['answers']}")
+    return lines
 
 
 def _interrupt(signum, frame):

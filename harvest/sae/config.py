@@ -90,6 +90,7 @@ class TrainSection:
     eval_every: int | None = None  # steps between held-out evaluations; null: at the end only
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
+    spliced_sequences: int = 0  # held-out sequences run through the spliced model at the end (0: off)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,6 +166,7 @@ RESUMABLE_KEYS = frozenset(
         "train.eval_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.spliced_sequences",
         "data.eval_tokens",
         "output.path",
         "output.saelens",
@@ -204,6 +206,7 @@ _CHECKS = {
     "train.eval_every": (lambda v: v is None or v >= 1, "null or >= 1"),
     "train.checkpoint_every": (lambda v: v >= 1, _POSITIVE),
     "train.keep_checkpoints": (lambda v: v >= 1, _POSITIVE),
+    "train.spliced_sequences": (lambda v: v >= 0, ">= 0"),
 }
 
 

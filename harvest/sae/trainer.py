@@ -36,6 +36,7 @@ from harvest.sae.metrics import MetricsLog, figures
 from harvest.sae.model import SAESpec, SparseCoder
 from harvest.sae.objective import StepConfig, make_eval_step, make_train_step
 from harvest.sae.sharding import batch_sharding, build_mesh, replicated, state_shardings
+from harvest.sae.spliced import spliced_eval
 from harvest.sae.state import Accum, init_sae, init_state, lr_at, make_optimizer
 from harvest.store.reader import NotARunError
 
@@ -279,6 +280,11 @@ class Trainer:
             paths["saelens"] = str(export.export_saelens(sae, self.out / "saelens", meta))
         paths |= {"checkpoints": str(self.ckpt.directory), "metrics": str(self.metrics.path)}
         self.ckpt.close()
+        spliced = None
+        if cfg.train.spliced_sequences:  # the engine with the SAE substituted at its hook (harvest.sae.spliced)
+            ids = sorted(int(i) for i in self.data.heldout_ids)[: cfg.train.spliced_sequences]
+            spliced = spliced_eval(sae, self.store, ids) if ids else {"skipped": "no held-out sequences"}
+            self.metrics.write({"step": int(state.step), "spliced": spliced})
         tokens = steps * cfg.train.batch_size
         summary = {
             "architecture": self.spec.architecture,
@@ -299,6 +305,7 @@ class Trainer:
             },
             "train": last,
             "eval": ev,
+            "spliced": spliced,
             "heldout_sequences": len(self.data.heldout_ids),
             "eval_rows": len(self.data.eval_rows),
             "scales": {"in": self.scales[0], "out": self.scales[1]},

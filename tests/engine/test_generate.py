@@ -221,3 +221,44 @@ def test_prefill_only_stops_at_the_deepest_hook_and_equals_a_full_run(loaded_tin
     np.testing.assert_allclose(outs[0].prefill_acts[hooks[1].name], np.asarray(acts[hooks[1].name])[0], atol=ATOL)
     with pytest.raises(FieldError, match="generates no answer to capture"):
         GenerateConfig(max_new_tokens=0, decode_hooks=hooks)
+
+
+def _affine(p, x):  # an edit with parameters: the spliced model's shape (an SAE is one such fn)
+    return x * p["scale"] + p["shift"]
+
+
+def test_edited_hook_decodes_like_the_edited_full_forward(loaded_tiny):
+    """An Edit replaces blocks.1.hook_resid_post in prefill (scanned layers) and decode (unrolled):
+    cached decode still equals the full forward pass under the same edit, the edit changes the
+    result, and new edit parameters reuse the compiled programs."""
+    from harvest.engine.hooks import Edit, HookError
+
+    lm = loaded_tiny
+    hooks = hooks_of(lm)
+    edit = Edit(parse_hooks("blocks.1.hook_resid_post", lm.cfg)[0], _affine)
+    p = {"scale": jnp.float32(0.5), "shift": jnp.full((lm.cfg.d_model,), 0.25, jnp.float32)}
+    prompts = [list(random_ids(200, 5)), list(random_ids(9, 6))]
+    kw = dict(fixed_length=True, max_new_tokens=12, prefill_hooks=hooks, decode_hooks=hooks, edit=edit)
+    g = Generator(lm.cfg, lm.params, GenerateConfig(**{**dict(batch_size=2, decode_slots=2, prefill_chunk=64,
+                  max_prompt_len=256), **kw}), edit_params=p)  # fmt: skip
+    outs = g.generate(prompts, [0, 1])
+    plain = gen(lm, **{**kw, "edit": None}).generate(prompts, [0, 1])
+    assert any(not np.array_equal(a.tokens, b.tokens) for a, b in zip(outs, plain))
+    for prompt, done in zip(prompts, outs):
+        full = jnp.asarray(np.array(prompt + list(done.tokens), np.int32)[None])
+        x, acts = forward(lm.cfg, lm.params, full, hooks=hooks, edit=edit, edit_params=p)
+        n = len(prompt)
+        for h in hooks:
+            ref = np.asarray(acts[h.name])[0]
+            np.testing.assert_allclose(done.prefill_acts[h.name], ref[:n], atol=ATOL, rtol=0, err_msg=h.name)
+            np.testing.assert_allclose(done.decode_acts[h.name], ref[n:], atol=ATOL, rtol=0, err_msg=h.name)
+        full_logits = np.asarray(lm_logits(lm.cfg, lm.params, x[0]))
+        np.testing.assert_array_equal(full_logits[n - 1 : -1].argmax(-1), done.tokens)
+    identity = {"scale": jnp.float32(1.0), "shift": jnp.zeros((lm.cfg.d_model,), jnp.float32)}
+    before = CompileCounter.count
+    same = Generator(lm.cfg, lm.params, g.gcfg, edit_params=identity).generate(prompts, [0, 1])
+    assert CompileCounter.count == before  # edit parameters are arguments, not constants
+    for a, b in zip(same, plain):  # the identity edit changes nothing
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+    with pytest.raises(HookError, match="cannot be edited"):
+        Edit(parse_hooks("blocks.0.mlp.hook_post", lm.cfg)[0], _affine)
