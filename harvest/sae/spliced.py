@@ -73,10 +73,13 @@ def spliced_eval(sae: SparseCoder, store, sequence_ids, lm=None) -> dict:
     if sae.spec.hook_in != sae.spec.hook_out:
         return {"skipped": "a transcoder predicts another hook; only SAEs are spliced"}
     meta = store.metadata
+    source = (meta.get("model") or {}).get("source")
+    if lm is None and not (source and "config" in meta):
+        return {"skipped": f"{store.root}/run.json names no model: the store was not written by `harvest run`"}
     if lm is None:
         from harvest.weights.checkpoint import load_model
 
-        lm = load_model(meta["model"]["source"], meta["config"]["model"]["dtype"])
+        lm = load_model(source, meta["config"]["model"]["dtype"])
     (hook,) = parse_hooks(sae.spec.hook_in, lm.cfg)
     if hook.kind not in EDITABLE_KINDS:
         return {"skipped": f"{hook.name} is not on the residual path; editable kinds: {', '.join(EDITABLE_KINDS)}"}

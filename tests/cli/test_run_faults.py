@@ -40,7 +40,6 @@ DISK_FULL = "exit 2: disk full writing shard N of RUN: complete shards are commi
 # failpoint -> (where it fires, expected outcome)
 FAULTS = {
     "run_json.before_rename@1": ("first run.json written to its temp name, nothing committed", KILLED),
-    "run_json.renamed@1": ("first run.json renamed, not yet fsynced", KILLED),
     "shard.building@1": ("inside the first shard write (one hook's array written)", KILLED),
     "shard.built@1": ("first shard complete and fsynced under its temp name", KILLED),
     "shard.renamed@1": ("between the shard rename and its commit record", KILLED),
@@ -52,7 +51,6 @@ FAULTS = {
     "run_json.before_rename@2": ("the final run.json write", KILLED),
     "pipeline.sequence@2:sigint": ("Ctrl-C mid-run", INTERRUPTED),
     "pipeline.sequence@2:sigterm": ("SIGTERM mid-run (a scheduler's stop)", INTERRUPTED),
-    "shard.building@2:sigint": ("Ctrl-C while the writer thread builds a shard", INTERRUPTED),
     "shard.building@2:enospc": ("disk full inside the second shard write", DISK_FULL),
 }
 

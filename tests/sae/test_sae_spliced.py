@@ -18,7 +18,7 @@ def harvested(tmp_path_factory):
         run_config(
             {
                 "model": {"path": "random:tiny", "dtype": "float32"},
-                "data": {"tasks": ["66e6c45b", "00576224", "be03b35f"], "limit": 3, "shuffle_seed": 1},
+                "data": {"tasks": ["66e6c45b", "00576224", "be03b35f", "e633a9e5"], "limit": 4, "shuffle_seed": 1},
                 "generation": {"max_new_tokens": 8},
                 "capture": {"hooks": [HOOK], "dtype": "float32"},
                 "runtime": {"progress": False, "compile_cache": None},
@@ -38,8 +38,8 @@ def test_spliced_figures_on_a_real_run(harvested, make_config, tmp_path, capsys)
     from harvest.sae.trainer import train
     from harvest.weights.checkpoint import load_model
 
-    cfg = make_config(harvested, tmp_path / "sae", data__hook=HOOK, data__eval_fraction=0.3, train__steps=100,
-                      train__spliced_sequences=2)  # fmt: skip
+    over = dict(data__hook=HOOK, data__eval_fraction=0.3, train__steps=100, train__batch_size=64)
+    cfg = make_config(harvested, tmp_path / "sae", train__spliced_sequences=1, **over)
     summary = train(cfg)
     sp = summary["spliced"]
     assert sp["sequences"] >= 1 and sp["hook"] == HOOK

@@ -131,6 +131,7 @@ def test_demo_config_through_the_cli(planted, make_config, tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "harvest train: topk d_sae 64 k 3" in printed and "eval (" in printed
+    assert "spliced model: skipped (" in printed and "names no model" in printed  # a synthetic store has none
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert summary["eval"]["variance_explained"] > 0.6
     assert main(args) == 0  # the same command again: already done, nothing retrained
