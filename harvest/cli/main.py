@@ -12,11 +12,11 @@ import argparse
 import errno
 import logging
 import os
-import signal
 import sys
 
 from harvest import arc
 from harvest.cli import inspect
+from harvest.cli.commands import add_config_command, sigterm_interrupts
 from harvest.errors import HarvestError
 from harvest.sae import cli as sae_cli
 
@@ -45,53 +45,32 @@ def format_report(summary: dict, out: str) -> str:
     return "\n".join(lines)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM ends a run the way Ctrl-C does: complete sequences are committed
-
-
 def _run_command(args) -> int:
     from harvest.cli import pipeline
     from harvest.cli.config import load
     from harvest.store.runfolder import read_commits
 
     cfg = load(args.config, args.overrides)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = pipeline.run(cfg, args.overwrite)
+        with sigterm_interrupts():  # SIGTERM ends a run the way Ctrl-C does: complete sequences are committed
+            summary = pipeline.run(cfg, args.overwrite)
     except KeyboardInterrupt:
         committed = sum(int(c["num_sequences"]) for c in read_commits(cfg.output.path).values())
         print(f"harvest: interrupted: {committed} sequences committed in {cfg.output.path}; "
               f"run the same command again to resume", file=sys.stderr)  # fmt: skip
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(format_report(summary, cfg.output.path))
     return 0
-
-
-def _add_run(sub) -> None:
-    p = sub.add_parser(
-        "run",
-        help="harvest activations as a YAML config says (see configs/demo.yaml)",
-        description="Harvest activations into a run folder; re-running resumes it.",
-    )
-    p.add_argument("config", help="YAML run config (see configs/demo.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (value parsed as YAML); repeatable",
-    )
-    p.add_argument("--overwrite", action="store_true", help="delete the output run folder and start over")
-    p.set_defaults(command=_run_command)
 
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="harvest", description="Harvest Qwen2 activations over ARC-AGI into Zarr.")
     sub = ap.add_subparsers(title="commands", required=True, metavar="COMMAND")
-    _add_run(sub)
+    add_config_command(
+        sub, "run", _run_command, help="harvest activations as a YAML config says (see configs/demo.yaml)",
+        description="Harvest activations into a run folder; re-running resumes it.", example="configs/demo.yaml",
+        output="output run folder",
+    )  # fmt: skip
     inspect.add_commands(sub)
     sae_cli.add_commands(sub)
     return ap

@@ -3,8 +3,9 @@ train a sparse coder on a harvest store as a YAML config says (configs/sae-demo.
 
 from __future__ import annotations
 
-import signal
 import sys
+
+from harvest.cli.commands import add_config_command, sigterm_interrupts
 
 __all__ = ["add_commands", "train_command", "format_report"]
 
@@ -61,42 +62,26 @@ def _spliced_lines(sp: dict | None) -> list[str]:
     return lines
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def train_command(args) -> int:
     from harvest.sae.config import load
     from harvest.sae.trainer import train
 
     cfg = load(args.config, args.overrides)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        summary = train(cfg, overwrite=args.overwrite)
+        with sigterm_interrupts():
+            summary = train(cfg, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"harvest train: interrupted; run the same command again to resume from the last checkpoint in "
               f"{cfg.output.path}/checkpoints", file=sys.stderr)  # fmt: skip
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     print(format_report(summary, cfg.output.path))
     return 0
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser(
-        "train",
+    add_config_command(
+        sub, "train", train_command,
         help="train a TopK SAE / transcoder on a run folder (see configs/sae-demo.yaml)",
         description="Train a sparse coder on a harvest store; re-running resumes from the last checkpoint.",
-    )
-    p.add_argument("config", help="YAML training config (see configs/sae-demo.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config key (value parsed as YAML); repeatable",
-    )
-    p.add_argument("--overwrite", action="store_true", help="delete the output folder and start over")
-    p.set_defaults(command=train_command)
+        example="configs/sae-demo.yaml", output="output folder",
+    )  # fmt: skip
