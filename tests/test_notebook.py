@@ -8,39 +8,15 @@ nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("matplotlib")
 
-from harvest.cli.config import from_dict  # noqa: E402
-from harvest.run import run as run_harvest  # noqa: E402
+from helpers.runs import notebook_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "inspect_activations.ipynb"
-SHORT_TASKS = ["66e6c45b", "00576224", "be03b35f"]  # ARC-AGI-1 evaluation, 112-220 prompt tokens
 
 
 def test_notebook_executes(tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run_harvest(
-        from_dict(
-            {
-                "model": {"path": "random:tiny", "dtype": "float32"},
-                "data": {
-                    "source": "arc-agi-1",
-                    "split": "evaluation",
-                    "tasks": SHORT_TASKS,
-                    "limit": 3,
-                    "shuffle_seed": 1,
-                },
-                "generation": {"max_new_tokens": 8, "fixed_length": True},
-                "capture": {
-                    "hooks": ["blocks.1.hook_resid_post", "blocks.2.mlp.hook_post"],
-                    "phases": ["prefill", "decode"],
-                    "dtype": "bfloat16",
-                    "shard_mb": 1,
-                },
-                "runtime": {"batch_size": 3, "progress": False, "compile_cache": None},
-                "output": {"path": str(out)},
-            }
-        )
-    )
+    notebook_store(out)
     monkeypatch.setenv("HARVEST_STORE", str(out))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbclient.NotebookClient(

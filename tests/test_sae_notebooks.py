@@ -12,14 +12,12 @@ nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("matplotlib")
 pytest.importorskip("pandas")
 
-from harvest.cli.config import from_dict  # noqa: E402
-from harvest.run import run as run_harvest  # noqa: E402
 from harvest.sae import from_dict as sae_config  # noqa: E402
 from harvest.sae import train  # noqa: E402
+from helpers.runs import notebook_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-SHORT_TASKS = ["66e6c45b", "00576224", "be03b35f"]  # ARC-AGI-1 evaluation, 112-220 prompt tokens
 HOOK = "blocks.1.hook_resid_post"
 
 
@@ -27,29 +25,7 @@ HOOK = "blocks.1.hook_resid_post"
 def trained(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("sae-notebooks")
     store = tmp / "run"
-    run_harvest(
-        from_dict(
-            {
-                "model": {"path": "random:tiny", "dtype": "float32"},
-                "data": {
-                    "source": "arc-agi-1",
-                    "split": "evaluation",
-                    "tasks": SHORT_TASKS,
-                    "limit": 3,
-                    "shuffle_seed": 1,
-                },
-                "generation": {"max_new_tokens": 8, "fixed_length": True},
-                "capture": {
-                    "hooks": [HOOK, "blocks.2.mlp.hook_post"],
-                    "phases": ["prefill", "decode"],
-                    "dtype": "bfloat16",
-                    "shard_mb": 1,
-                },
-                "runtime": {"batch_size": 3, "progress": False, "compile_cache": None},
-                "output": {"path": str(store)},
-            }
-        )
-    )
+    notebook_store(store)
     out = tmp / "sae"
     summary = train(
         sae_config(

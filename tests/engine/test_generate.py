@@ -29,6 +29,20 @@ def hooks_of(lm):
     return parse_hooks([f"blocks.{lm.cfg.n_layers - 1}.hook_resid_post", "blocks.0.mlp.hook_post"], lm.cfg)
 
 
+def assert_matches_full_forward(lm, hooks, prompt, done, **edit):
+    """A generated row equals the full forward pass over prompt + its tokens (under the same edit, if any):
+    its prefill and decode activations, and each greedy token is the argmax at the position before it."""
+    full = jnp.asarray(np.array(list(prompt) + list(done.tokens), np.int32)[None])
+    x, acts = forward(lm.cfg, lm.params, full, hooks=hooks, **edit)
+    n = len(prompt)
+    for h in hooks:
+        ref = np.asarray(acts[h.name])[0]
+        np.testing.assert_allclose(done.prefill_acts[h.name], ref[:n], atol=ATOL, rtol=0, err_msg=h.name)
+        np.testing.assert_allclose(done.decode_acts[h.name], ref[n:], atol=ATOL, rtol=0, err_msg=h.name)
+    full_logits = np.asarray(lm_logits(lm.cfg, lm.params, x[0]))
+    np.testing.assert_array_equal(full_logits[n - 1 : -1].argmax(-1), done.tokens)
+
+
 def test_cached_decode_equals_full_forward(loaded_tiny):
     lm = loaded_tiny
     hooks = hooks_of(lm)
@@ -36,16 +50,7 @@ def test_cached_decode_equals_full_forward(loaded_tiny):
     outs = gen(lm, fixed_length=True, prefill_hooks=hooks, decode_hooks=hooks).generate(prompts, [0, 1, 2])
     for prompt, done in zip(prompts, outs):
         assert len(done.tokens) == 40 and done.stop_reason == STOP_LENGTH
-        full = np.array(prompt + list(done.tokens), np.int32)[None]
-        x, acts = forward(lm.cfg, lm.params, jnp.asarray(full), hooks=hooks)
-        n = len(prompt)
-        for h in hooks:
-            ref = np.asarray(acts[h.name])[0]
-            np.testing.assert_allclose(done.prefill_acts[h.name], ref[:n], atol=ATOL, rtol=0, err_msg=h.name)
-            np.testing.assert_allclose(done.decode_acts[h.name], ref[n:], atol=ATOL, rtol=0, err_msg=h.name)
-        # Each greedy token is the argmax of the full forward pass at the position before it.
-        full_logits = np.asarray(lm_logits(lm.cfg, lm.params, x[0]))
-        np.testing.assert_array_equal(full_logits[n - 1 : -1].argmax(-1), done.tokens)
+        assert_matches_full_forward(lm, hooks, prompt, done)
 
 
 def test_pool_size_and_admission_order_never_change_a_sequence(loaded_tiny):
@@ -245,15 +250,7 @@ def test_edited_hook_decodes_like_the_edited_full_forward(loaded_tiny):
     plain = gen(lm, **{**kw, "edit": None}).generate(prompts, [0, 1])
     assert any(not np.array_equal(a.tokens, b.tokens) for a, b in zip(outs, plain))
     for prompt, done in zip(prompts, outs):
-        full = jnp.asarray(np.array(prompt + list(done.tokens), np.int32)[None])
-        x, acts = forward(lm.cfg, lm.params, full, hooks=hooks, edit=edit, edit_params=p)
-        n = len(prompt)
-        for h in hooks:
-            ref = np.asarray(acts[h.name])[0]
-            np.testing.assert_allclose(done.prefill_acts[h.name], ref[:n], atol=ATOL, rtol=0, err_msg=h.name)
-            np.testing.assert_allclose(done.decode_acts[h.name], ref[n:], atol=ATOL, rtol=0, err_msg=h.name)
-        full_logits = np.asarray(lm_logits(lm.cfg, lm.params, x[0]))
-        np.testing.assert_array_equal(full_logits[n - 1 : -1].argmax(-1), done.tokens)
+        assert_matches_full_forward(lm, hooks, prompt, done, edit=edit, edit_params=p)
     identity = {"scale": jnp.float32(1.0), "shift": jnp.zeros((lm.cfg.d_model,), jnp.float32)}
     before = CompileCounter.count
     same = Generator(lm.cfg, lm.params, g.gcfg, edit_params=identity).generate(prompts, [0, 1])

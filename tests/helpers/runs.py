@@ -61,3 +61,34 @@ def assert_same_run(a, b) -> None:
         assert x.keys() == y.keys()
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=f"sequence {sid}: {k}")
+
+
+def notebook_store(out) -> None:
+    """The small real store the notebooks run against: random:tiny over 3 short tasks, 8 forced new tokens,
+    blocks.1.hook_resid_post and blocks.2.mlp.hook_post in bfloat16."""
+    from harvest.cli.config import from_dict
+    from harvest.run import run
+
+    run(
+        from_dict(
+            {
+                "model": {"path": "random:tiny", "dtype": "float32"},
+                "data": {
+                    "source": "arc-agi-1",
+                    "split": "evaluation",
+                    "tasks": SHORT_TASKS[:3],
+                    "limit": 3,
+                    "shuffle_seed": 1,
+                },  # fmt: skip
+                "generation": {"max_new_tokens": 8, "fixed_length": True},
+                "capture": {
+                    "hooks": ["blocks.1.hook_resid_post", "blocks.2.mlp.hook_post"],
+                    "phases": ["prefill", "decode"],
+                    "dtype": "bfloat16",
+                    "shard_mb": 1,
+                },
+                "runtime": {"batch_size": 3, "progress": False, "compile_cache": None},
+                "output": {"path": str(out)},
+            }
+        )
+    )
