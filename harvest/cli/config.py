@@ -26,6 +26,7 @@ from harvest.arc.tasks import SOURCES, SPLITS
 from harvest.engine.generate import GenerateConfig
 from harvest.engine.hooks import Hook
 from harvest.engine.sampling import SamplingConfig
+from harvest.engine.sharding import check_mesh_axes, make_mesh
 from harvest.errors import FieldError, HarvestError
 from harvest.store.format import CODECS, PHASES, STORAGE_DTYPES
 from harvest.weights.checkpoint import DTYPES
@@ -36,7 +37,7 @@ class ConfigError(HarvestError, ValueError):
 
 
 @contextlib.contextmanager
-def _library_checks(section: str):
+def library_checks(section: str):
     """A library config's FieldError becomes a ConfigError naming the YAML key: sections use the
     library's field names, and a field they don't have is looked up in the other sections."""
     try:
@@ -100,7 +101,7 @@ class PromptSection:
     user: str | None = None  # null: the built-in instructions
 
     def __post_init__(self):
-        with _library_checks("prompt"):
+        with library_checks("prompt"):
             self.to_prompt_config()
 
     def to_prompt_config(self) -> arc.PromptConfig:
@@ -116,7 +117,7 @@ class AugmentSection:
     shuffle_demos: bool = False
 
     def __post_init__(self):
-        with _library_checks("augment"):
+        with library_checks("augment"):
             self.to_augment_config()
 
     def to_augment_config(self) -> arc.AugmentConfig:
@@ -137,7 +138,7 @@ class GenerationSection:
     stop_strings: Literal["auto"] | list[str] = "auto"  # auto: the prompt format's rule
 
     def __post_init__(self):
-        with _library_checks("generation"):
+        with library_checks("generation"):
             self.to_sampling_config()
 
     def to_sampling_config(self) -> SamplingConfig:
@@ -164,9 +165,14 @@ class RuntimeSection:
     max_capture_gb: float = 8.0  # refuse settings whose capture buffers would exceed this
     compile_cache: str | None = "~/.cache/harvest/jax"  # persistent XLA cache; null disables
     progress: bool = True
+    # {data: n, model: m} over this process's devices (-1: the devices left); null: one device
+    mesh: dict | None = None
 
     def __post_init__(self):
         expand_paths(self, "compile_cache")
+        if self.mesh is not None:
+            with library_checks("runtime"):
+                check_mesh_axes(self.mesh)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,13 +206,20 @@ class RunConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def device_mesh(self):
+        """runtime.mesh over this process's devices (a jax Mesh), or None: one device."""
+        if self.runtime.mesh is None:
+            return None
+        with library_checks("runtime"):
+            return make_mesh(self.runtime.mesh)
+
     def generate_config(
         self, hooks: tuple[Hook, ...], stop_strings: tuple[str, ...], longest_prompt: int
     ) -> GenerateConfig:
         """The engine's config: generation keys, runtime batching, and the hooks of each captured phase.
         The cache holds the longest prompt of the run (all of its sequences, so a resume sizes it alike)."""
         g, r, phases = self.generation, self.runtime, set(self.capture.phases)
-        with _library_checks("generation"):
+        with library_checks("generation"):
             return GenerateConfig(
                 batch_size=r.batch_size,
                 decode_slots=r.decode_slots,
@@ -401,8 +414,14 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def is_data_key(key: str) -> bool:
+    """A flattened key (`runtime.mesh.data` is under `runtime.mesh`) that changes the data."""
+    parts = key.split(".")
+    return not any(".".join(parts[:i]) in NON_DATA_KEYS for i in range(1, len(parts) + 1))
+
+
 def data_keys(cfg: RunConfig) -> dict[str, Any]:
-    return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in NON_DATA_KEYS}
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if is_data_key(k)}
 
 
 def data_fingerprint(cfg: RunConfig) -> str:
@@ -419,7 +438,7 @@ def _shown(value: Any) -> str:
 def differing_keys(old: dict, new: RunConfig) -> list[str]:
     """Data-changing keys whose values differ between a stored config dict and `new`, each as
     `key: old -> new` (e.g. `generation.max_new_tokens: 300 -> 200`), sorted by key."""
-    before = {k: v for k, v in flatten(old).items() if k not in NON_DATA_KEYS}
+    before = {k: v for k, v in flatten(old).items() if is_data_key(k)}
     after = data_keys(new)
     return [
         f"{k}: {_shown(before.get(k, _ABSENT))} -> {_shown(after.get(k, _ABSENT))}"

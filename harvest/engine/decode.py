@@ -22,6 +22,7 @@ from harvest.engine import model
 from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Edit, Hook
 from harvest.engine.sampling import SamplingConfig, sample
+from harvest.engine.sharding import constrain_state
 from harvest.engine.state import SlotState, StopTables
 from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_STRING
 
@@ -119,7 +120,7 @@ def decode_segment(
         return i + 1, decode_step(cfg, dcfg, params, s, tables, edit_params)
 
     steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    return state, steps
+    return constrain_state(state), steps
 
 
 @jax.jit
@@ -133,4 +134,4 @@ def compact(state: SlotState, slots, keep) -> SlotState:
     """A smaller pool holding `slots` [n] of `state` (keep [n] False: an empty slot). When no prompt
     waits and few rows are live, a step of the small pool costs half that of the full one on a CPU."""
     small = jax.tree.map(lambda a: a[slots], state)
-    return dataclasses.replace(small, active=small.active & keep)
+    return constrain_state(dataclasses.replace(small, active=small.active & keep))

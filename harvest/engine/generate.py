@@ -21,18 +21,21 @@ its last chunk is in.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
 from harvest.engine.hooks import Edit, Hook, layers_needed
 from harvest.engine.prefill import prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
+from harvest.engine.sharding import Placement
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
 from harvest.engine.stopping import STOP_NONE, StopRules
 from harvest.errors import FieldError
@@ -142,18 +145,37 @@ jax.monitoring.register_event_duration_secs_listener(CompileCounter.on_event)
 
 class Generator:
     def __init__(
-        self, cfg: ModelConfig, params, gcfg: GenerateConfig, *, eos_ids=(), token_bytes=None, edit_params=None
+        self,
+        cfg: ModelConfig,
+        params,
+        gcfg: GenerateConfig,
+        *,
+        eos_ids=(),
+        token_bytes=None,
+        edit_params=None,
+        mesh: Mesh | None = None,
     ):
+        """mesh: a (data, model) mesh of this process's devices (sharding.make_mesh); None: one device."""
         if gcfg.sampling.top_k > cfg.vocab_size:
             raise FieldError("top_k", f"{gcfg.sampling.top_k} exceeds the vocabulary ({cfg.vocab_size})")
         if gcfg.prefill_only:  # stop at the deepest hooked layer: the rest of the model is never run
             depth = layers_needed(gcfg.prefill_hooks)
             cfg = dataclasses.replace(cfg, n_layers=depth)
             params = {**params, "layers": tuple(params["layers"][:depth])}
+        self.placement = Placement(cfg, mesh) if mesh is not None else None
+        self.tail_pool = gcfg.tail_pool
+        if self.placement is not None:
+            self.placement.check_rows("batch_size", gcfg.batch_size)
+            self.placement.check_rows("decode_slots", gcfg.pool_slots)
+            self.tail_pool -= self.tail_pool % self.placement.data  # the tail pool splits over `data` too
+            params = self.placement.put_params(params)
+            edit_params = None if edit_params is None else self.placement.replicated(edit_params)
         self.cfg, self.params, self.gcfg, self.edit_params = cfg, params, gcfg, edit_params
         self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.fixed_length, gcfg.decode_hooks, gcfg.edit)
         rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)
         self.tables = StopTables(*rules.tables(cfg.vocab_size))
+        if self.placement is not None:
+            self.tables = self.placement.replicated(self.tables)
         self.timings = {
             "prefill_seconds": 0.0,
             "prefill_calls": 0,
@@ -193,22 +215,23 @@ class Generator:
             live.update(seq.slot for seq in started)
             if not live:
                 continue
-            if not queue and not lanes.busy and len(live) <= g.tail_pool < len(occupant):
+            if not queue and not lanes.busy and len(live) <= self.tail_pool < len(occupant):
                 state, occupant, live = self._shrink(state, occupant, live)
                 n_slots = len(occupant)
             # Stop decoding as soon as enough rows finish to fill the idle prefill lanes with waiting prompts.
             need = min(lanes.idle, len(queue)) if queue else n_slots + 1
             t0 = time.perf_counter()
-            state, steps = decode_segment(
-                self.cfg,
-                self.dcfg,
-                self.params,
-                state,
-                self.tables,
-                g.segment_steps,
-                n_slots - len(live) + need,
-                self.edit_params,
-            )
+            with self._on_mesh():
+                state, steps = decode_segment(
+                    self.cfg,
+                    self.dcfg,
+                    self.params,
+                    state,
+                    self.tables,
+                    g.segment_steps,
+                    n_slots - len(live) + need,
+                    self.edit_params,
+                )
             steps, active, num_generated, stop_reason, logprob = jax.device_get(
                 (steps, state.active, state.num_generated, state.stop_reason, state.logprob)
             )
@@ -252,9 +275,10 @@ class Generator:
     def _shrink(self, state: SlotState, occupant: list, live: set[int]):
         """Move the live rows into a pool of `tail_slots` slots for the end of the stream."""
         old = sorted(live)
-        n = self.gcfg.tail_pool
+        n = self.tail_pool
         slots = np.array(old + [old[0]] * (n - len(old)), np.int32)
-        state = compact(state, slots, np.arange(n) < len(old))
+        with self._on_mesh():
+            state = compact(state, slots, np.arange(n) < len(old))
         small = [occupant[i] for i in old] + [None] * (n - len(old))
         for i, seq in enumerate(small[: len(old)]):
             seq.slot = i
@@ -273,9 +297,19 @@ class Generator:
     def _empty_state(self) -> SlotState:
         g = self.gcfg
         dtype = self.params["embed"].dtype
-        return empty_state(
-            self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, self.tables.num_strings, dtype
+        return self._placed(
+            empty_state(
+                self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, self.tables.num_strings, dtype
+            )
         )
+
+    def _placed(self, state: SlotState) -> SlotState:
+        """On a mesh: the pool's rows over `data`, as every program takes and returns them."""
+        return state if self.placement is None else self.placement.put_state(state)
+
+    def _on_mesh(self):
+        """The mesh as the programs' context: they pin their outputs to it (sharding.constrain_state)."""
+        return contextlib.nullcontext() if self.placement is None else jax.set_mesh(self.placement.mesh)
 
     def _prefill(
         self, state: SlotState, lanes: _Lanes, more_coming: bool, decoding: bool
@@ -308,9 +342,12 @@ class Generator:
                 seq.next_chunk += 1
                 last[r] = begin + c >= len(seq.prompt)
             chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
-            state, acts = prefill_chunk(
-                self.cfg, g.prefill_hooks, self.params, state, chunk, not g.prefill_only, g.edit, self.edit_params
-            )
+            if self.placement is not None:
+                chunk = self.placement.put_chunk(chunk)
+            with self._on_mesh():
+                state, acts = prefill_chunk(
+                    self.cfg, g.prefill_hooks, self.params, state, chunk, not g.prefill_only, g.edit, self.edit_params
+                )
             calls.append(acts)
             self.timings["prefill_calls"] += 1
             started += [seq for seq, done in zip(lanes.seqs, last) if done]

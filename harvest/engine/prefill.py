@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from harvest.engine import model
 from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Edit, Hook
+from harvest.engine.sharding import constrain_rows, constrain_state
 from harvest.engine.state import PrefillChunk, SlotState
 from harvest.engine.stopping import STOP_NONE
 
@@ -70,7 +71,7 @@ def prefill_chunk(
         for i, (k, v) in enumerate(state.cache)
     )
     if not arm:
-        return dataclasses.replace(state, cache=cache), acts
+        return constrain_state(dataclasses.replace(state, cache=cache)), constrain_rows(acts)
     last_x = jnp.take_along_axis(x, jnp.maximum(chunk.n_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
     armed = jnp.where(chunk.last, chunk.slot, state.num_slots)  # lanes that finish their prompt now
     n_stop = state.stop_state.shape[1]
@@ -86,7 +87,7 @@ def prefill_chunk(
         stop_reason=state.stop_reason.at[armed].set(STOP_NONE, mode="drop"),
         logprob=state.logprob.at[armed].set(0.0, mode="drop"),
     )
-    return state, acts
+    return constrain_state(state), constrain_rows(acts)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hooks", "edit"))
