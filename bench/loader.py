@@ -28,12 +28,12 @@ from harvest.store.writer import BackgroundWriter  # noqa: E402
 HOOK = "blocks.6.hook_resid_post"
 
 
-def build(path: Path, mb: int, d: int, codec: str, seq_len: int = 1024) -> None:
+def build(path: Path, mb: int, d: int, codec: str, seq_len: int = 1024, shard_mb: float = 128) -> None:
     rng = np.random.default_rng(0)
     scale = rng.lognormal(0.0, 0.5, d).astype(np.float32)  # [d]
     scale[rng.choice(d, 4, replace=False)] *= 100  # a few massive dimensions
     n_seq = max(1, mb * 2**20 // (seq_len * d * 2))
-    with BackgroundWriter(path, {HOOK: d}, "bfloat16", codec=codec, fsync=False) as w:
+    with BackgroundWriter(path, {HOOK: d}, "bfloat16", int(shard_mb * 2**20), codec=codec, fsync=False) as w:
         for sid in range(n_seq):
             n_dec = seq_len // 8
             tokens = {

@@ -23,6 +23,7 @@ import yaml
 from harvest import arc
 from harvest.arc.prompts import FORMATS
 from harvest.arc.tasks import SOURCES, SPLITS
+from harvest.cli.distributed import check_distributed
 from harvest.engine.generate import GenerateConfig
 from harvest.engine.hooks import Hook
 from harvest.engine.sampling import SamplingConfig
@@ -167,12 +168,17 @@ class RuntimeSection:
     progress: bool = True
     # {data: n, model: m} over this process's devices (-1: the devices left); null: one device
     mesh: dict | None = None
+    # several processes writing one run (harvest.cli.distributed): {coordinator_address, num_processes,
+    # process_id, ...}, passed to jax.distributed.initialize; {}: detected as JAX does; null: one process
+    distributed: dict | None = None
 
     def __post_init__(self):
         expand_paths(self, "compile_cache")
-        if self.mesh is not None:
-            with library_checks("runtime"):
+        with library_checks("runtime"):
+            if self.mesh is not None:
                 check_mesh_axes(self.mesh)
+            if self.distributed is not None:
+                check_distributed(self.distributed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,19 +12,20 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 from harvest import arc, failpoints
-from harvest.cli import provenance
-from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys
+from harvest.cli import distributed, provenance
+from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys, library_checks
 from harvest.cli.records import RecordBuilder, read_answer
 from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import layers_needed, parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
 from harvest.store.api import open_store
-from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS, TMP_MARK, StoreLayout
+from harvest.store.format import LONE, PHASES, SEGMENTS, STOP_REASONS, ProcessShare, StoreLayout
+from harvest.store.location import URL, StoreError, as_root
+from harvest.store.objectstore import files_for
 from harvest.store.runfolder import lock_run, read_run_metadata, scan_run, write_json_atomic, write_run_metadata
 from harvest.store.writer import BackgroundWriter
 from harvest.weights.checkpoint import LoadedModel, describe, load_model
@@ -86,9 +87,15 @@ def prepare(cfg: RunConfig) -> Work:
         )
     gcfg = cfg.generate_config(hooks, stops, max(len(p) for p in prompts.values()))
     check_capture_memory(cfg, gcfg, lm)
-    generator = Generator(
-        lm.cfg, lm.params, gcfg, eos_ids=lm.eos_ids, token_bytes=token_bytes_of(lm.tokenizer) if stops else None
-    )
+    with library_checks("runtime"):  # lanes and slots must split over the mesh's `data` axis
+        generator = Generator(
+            lm.cfg,
+            lm.params,
+            gcfg,
+            eos_ids=lm.eos_ids,
+            token_bytes=token_bytes_of(lm.tokenizer) if stops else None,
+            mesh=cfg.device_mesh(),
+        )
     targets = {(t.id, i): test[1] for t in tasks for i, test in enumerate(t.test)}
     records = RecordBuilder(
         lm.tokenizer, cfg.prompt.format, hooks, frozenset(cfg.capture.phases), targets, answers=not gcfg.prefill_only
@@ -126,10 +133,12 @@ def admission_order(work: Work) -> list:
     return sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
 
 
-def check_output(out: Path) -> None:
+def check_output(out: Path | URL) -> None:
     """output.path must be absent, empty or a harvest run folder: never touch anything else,
     --overwrite included (a typo like output.path=outputs must not wipe every other run).
     It must also be creatable and writable, checked before any work or deletion."""
+    if isinstance(out, URL):
+        return _check_remote_output(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output.path {str(out)!r} is a file")
     existing = next(p for p in (out, *out.parents) if p.exists())
@@ -137,21 +146,57 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"output.path {str(out)!r} lies under the file {str(existing)!r}; choose another path")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"output.path {str(out)!r}: {str(existing)!r} is not writable; choose another path")
-    entries = StoreLayout(out).entries()
-    if out.is_dir() and {p.name.split(TMP_MARK)[0] for p in out.iterdir()} - entries:
+    layout = StoreLayout(out)
+    if out.is_dir() and any(not layout.is_entry(p.name) for p in out.iterdir()):
+        raise _not_a_run(out)
+
+
+def _not_a_run(out) -> ConfigError:
+    return ConfigError(
+        f"{out} exists and is not a harvest run folder; harvest will neither write into "
+        f"nor delete it (--overwrite included): choose another output.path"
+    )
+
+
+def _check_remote_output(out: URL) -> None:
+    """The object-store twin of check_output: the backend is installed, the bucket exists, the store
+    answers, and the prefix is empty or a run folder. (Write permission shows at the first PUT.)"""
+    try:
+        files = files_for(out)
+    except StoreError as e:
+        raise ConfigError(f"output.path {e}") from None
+    layout = StoreLayout(out)
+    try:
+        if not files.bucket_exists(out):
+            bucket = out.split("://", 1)[1].split("/", 1)[0]
+            raise ConfigError(
+                f"output.path {out}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                f"create it or choose another output.path"
+            )
+        if files.is_file(out):
+            raise ConfigError(f"output.path {str(out)!r} is an object, not a folder")
+        entries = files.entries(out)
+    except ConfigError:
+        raise
+    except Exception as e:  # credentials, endpoint, network: the store's own words, in one line
+        detail = (str(e).strip().splitlines() or [""])[0]
         raise ConfigError(
-            f"{out} exists and is not a harvest run folder; harvest will neither write into "
-            f"nor delete it (--overwrite included): choose another output.path"
-        )
+            f"output.path {out}: cannot reach it ({type(e).__name__}: {detail}); check the credentials and the "
+            f"endpoint (for S3: AWS_ENDPOINT_URL, AWS_PROFILE or AWS_ACCESS_KEY_ID)"
+        ) from None
+    if any(not layout.is_entry(p.name) for p, _ in entries):
+        raise _not_a_run(out)
 
 
-def prepare_output(out: Path, cfg: RunConfig, overwrite: bool) -> None:
-    """Refuse to mix runs. Called with the run lock held, so overwrite keeps the lock file."""
+def prepare_output(out: Path | URL, cfg: RunConfig, overwrite: bool) -> None:
+    """Refuse to mix runs. Called with the run lock held, so overwrite keeps the locks and leases."""
+    layout = StoreLayout(out)
+    files = layout.files
     if overwrite:
-        for p in out.iterdir():
-            if p.name != ".lock":
-                shutil.rmtree(p) if p.is_dir() else p.unlink()
-    elif StoreLayout(out).run_json.is_file():
+        for p, _ in files.entries(out):
+            if not layout.is_lock(p.name):
+                files.remove(p)
+    elif files.is_file(layout.run_json):
         diff = differing_keys(read_run_metadata(out).get("config", {}), cfg)
         if diff:
             raise ConfigError(
@@ -176,9 +221,16 @@ def inputs_fingerprint(work: Work) -> dict[str, str]:
 
 
 def run(cfg: RunConfig, overwrite: bool = False, work: Work | None = None) -> dict:
-    """Harvest into cfg.output.path and return the summary (also written to summary.json).
-    work: `prepare(cfg)`'s result, to reuse a loaded model and its compiled programs (benchmarks)."""
-    out = Path(cfg.output.path)
+    """Harvest into cfg.output.path (a folder or an object-store URL) and return the summary (also
+    written to summary.json). work: `prepare(cfg)`'s result, to reuse a loaded model and its compiled
+    programs (benchmarks).
+
+    With runtime.distributed, this is one process of several (harvest.cli.distributed): it harvests
+    its own share of the sequences on its own devices, locks its own share of the folder, cleans only
+    its own leftovers and writes only the shard indices it owns. Process 0 alone deletes on
+    --overwrite and writes run.json and summary.json, each after a barrier."""
+    share = distributed.start(cfg.runtime.distributed)  # first: it must run before any device is used
+    out = as_root(cfg.output.path)
     check_output(out)
     started = provenance.now()
     if cfg.runtime.compile_cache:  # a resumed or repeated run loads every program instead of compiling it
@@ -187,13 +239,17 @@ def run(cfg: RunConfig, overwrite: bool = False, work: Work | None = None) -> di
         jax.config.update("jax_compilation_cache_dir", cfg.runtime.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     work = work or prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
-    with lock_run(out):  # one harvest per folder: two would both write and clean up
-        prepare_output(out, cfg, overwrite)
-        return _run(cfg, out, work, started)
+    with lock_run(out, share):  # one harvest per folder (per share): two would both write and clean up
+        # every process reads the same run.json and reaches the same verdict; only process 0 deletes
+        if share.index == 0 or not overwrite:
+            prepare_output(out, cfg, overwrite and share.index == 0)
+        distributed.barrier("harvest/prepared", share)  # nobody scans a folder process 0 is still clearing
+        return _run(cfg, out, work, started, share)
 
 
-def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
-    meta = read_run_metadata(out) if StoreLayout(out).run_json.is_file() else {}
+def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: ProcessShare = LONE) -> dict:
+    layout = StoreLayout(out)
+    meta = read_run_metadata(out) if layout.files.is_file(layout.run_json) else {}
     inputs = inputs_fingerprint(work)
     changed = [k for k, v in meta.get("inputs", inputs).items() if inputs.get(k) != v]
     if changed:
@@ -201,7 +257,7 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
             f"{out} was harvested from other inputs ({', '.join(changed)} changed since it started: "
             f"tasks, prompts, weights or tokenizer); use another output.path or --overwrite"
         )
-    scan = scan_run(out)
+    scan = scan_run(out, share=share)
     meta.update(
         inputs=inputs,
         config=cfg.to_dict(),
@@ -233,11 +289,18 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
         "removed_leftovers": scan.removed,
     }
     meta.setdefault("sessions", []).append(session)
-    write_run_metadata(out, meta)
+    if share.index == 0:
+        write_run_metadata(out, meta)
     if scan.removed:
         log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
 
-    todo = [s for s in admission_order(work) if s.sequence_id not in scan.committed_sequence_ids]
+    max_new = cfg.generation.max_new_tokens
+    mine = distributed.take_share(
+        {s.sequence_id: len(work.prompts[s.sequence_id]) + max_new for s in work.sequences}, share
+    )
+    todo = [
+        s for s in admission_order(work) if s.sequence_id in mine and s.sequence_id not in scan.committed_sequence_ids
+    ]
     by_id = {s.sequence_id: s for s in todo}
     counts = {"prompt_tokens": 0, "generated_tokens": 0}
     compiles_before = (CompileCounter.count, CompileCounter.seconds)
@@ -251,8 +314,9 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
         max_queue=cfg.runtime.queue,
         start_shard=scan.next_shard,
         threads=cfg.runtime.writer_threads,
+        shard_stride=share.count,
     )
-    bar = _progress(cfg, len(todo), len(scan.committed_sequence_ids))
+    bar = _progress(cfg, len(todo), len(scan.committed_sequence_ids & mine), share)
     with writer:
         for done in work.generator.stream((s.sequence_id, work.prompts[s.sequence_id].token_ids) for s in todo):
             failpoints.hit("pipeline.sequence")  # mid-run: the engine holds live rows, the writer queued ones
@@ -274,31 +338,47 @@ def _run(cfg: RunConfig, out: Path, work: Work, started: str) -> dict:
     stats = writer.stats
     elapsed = time.perf_counter() - t0
     bar.close()
-    summary = summarize(out, work, cfg, stats, counts, elapsed, engine)
+    distributed.barrier("harvest/committed", share)  # the summary scores every process's shards
+    summary = summarize(out, work, cfg, stats, counts, elapsed, engine, share)
     failpoints.hit("pipeline.summary")  # every shard committed, run.json and summary.json not yet final
     meta["finished"] = session["finished"] = provenance.now()
-    session["sequences"] = stats.sequences_written
+    session["sequences"] = summary["session"]["sequences"]  # every process's
     meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
-    write_run_metadata(out, meta)
-    write_json_atomic(StoreLayout(out).summary_json, summary)
+    session["processes"] = share.count
+    if share.index == 0:
+        write_run_metadata(out, meta)
+        write_json_atomic(layout.summary_json, summary)
+    distributed.barrier("harvest/summarized", share)  # process 0 hosts the coordinator: it leaves last
     return summary
 
 
-def _progress(cfg: RunConfig, total: int, done_before: int):
+def _progress(cfg: RunConfig, total: int, done_before: int, share: ProcessShare):
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         unit="seq",
-        desc="harvest",
+        desc="harvest" if share.count == 1 else f"harvest {share.index}/{share.count}",
         disable=not cfg.runtime.progress,
         postfix=f"resumed {done_before}" if done_before else None,
         dynamic_ncols=True,
     )
 
 
-def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float, engine: dict) -> dict:
-    """Scores over every committed sequence (this session's and earlier ones) plus this session's speed."""
+def summarize(
+    out: Path | URL, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float, engine: dict, share=LONE
+) -> dict:
+    """Scores over every committed sequence (this session's and earlier ones) plus this session's speed:
+    every process's counts summed, over the slowest process's time (the engine's figures are this process's)."""
+    mine = {
+        "sequences": stats.sequences_written,
+        "seconds": elapsed,
+        **counts,
+        **{f"written_{p}": n for p, n in stats.tokens_per_phase.items()},
+    }
+    per = distributed.gather(mine, share)
+    total = {k: int(sum(p[k] for p in per)) for k in mine if k != "seconds"}
+    seconds = max(p["seconds"] for p in per)
     store = open_store(out)
     table = store.sequences
     records = []
@@ -326,7 +406,7 @@ def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapse
     ]
     # a prefill-only run generated no answers: there is nothing to score (not "all wrong")
     scores = arc.score_tasks(records, skipped) if cfg.generation.max_new_tokens else None
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    size = files_for(out).tree_size(out)
     return {
         "sequences": store.num_sequences,
         "tokens": store.num_tokens,
@@ -334,13 +414,14 @@ def summarize(out: Path, work: Work, cfg: RunConfig, stats, counts: dict, elapse
         "bytes_on_disk": size,
         "compression_ratio": stats.compression_ratio,
         "session": {
-            "sequences": stats.sequences_written,
-            "seconds": round(elapsed, 2),
-            "prompt_tokens": counts["prompt_tokens"],
-            "generated_tokens": counts["generated_tokens"],
-            "tokens_per_second": round((counts["prompt_tokens"] + counts["generated_tokens"]) / max(elapsed, 1e-9), 1),
-            "written_tokens_per_phase": stats.tokens_per_phase,
+            "sequences": total["sequences"],
+            "seconds": round(seconds, 2),
+            "prompt_tokens": total["prompt_tokens"],
+            "generated_tokens": total["generated_tokens"],
+            "tokens_per_second": round((total["prompt_tokens"] + total["generated_tokens"]) / max(seconds, 1e-9), 1),
+            "written_tokens_per_phase": {p: total[f"written_{p}"] for p in stats.tokens_per_phase},
             **engine,
+            **({"processes": [{k: round(v, 2) for k, v in p.items()} for p in per]} if share.count > 1 else {}),
         },
         "skipped_too_long": len(work.too_long),
         "skipped_invalid": len(work.skipped),

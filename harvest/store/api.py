@@ -34,5 +34,6 @@ class Store(StoreReader):
 
 
 def open_store(path: str | os.PathLike) -> Store:
-    """Open a run folder for reading. Only committed shards are visible; nothing is modified."""
+    """Open a run folder (a path, or a URL such as s3://bucket/runs/demo) for reading. Only committed
+    shards are visible; nothing is modified."""
     return Store(path)

@@ -1,22 +1,23 @@
 """Reading whole inner chunks of a shard's activation arrays, without zarr where the layout allows.
 
 docs/FORMAT.md fixes the layout (one sharding object per array, index at the end, inner chunks of
-whole rows), so the loader can pread each chunk and decode it straight into its own buffer:
-zarr-python costs about 1 ms and one copy per chunk, which caps a shuffled loader well below 1 GB/s.
-Anything else falls back to zarr.
+whole rows), so the loader can pread each chunk (a ranged GET on an object store) and decode it
+straight into its own buffer: zarr-python costs about 1 ms and one copy per chunk, which caps a
+shuffled loader well below 1 GB/s. Anything else falls back to zarr.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import numcodecs.blosc
 import numcodecs.zstd
 import numpy as np
 
 from harvest.store.integrity import crc32c_bytes
+from harvest.store.location import URL
 from harvest.store.reader import ChunkRef, StoreReader, data_file
 
 _MISSING = 2**64 - 1  # shard index entry of a chunk that was never written (version 1: the fill value 0)
@@ -27,7 +28,7 @@ class _Direct:
     """One hook of one shard, read without zarr: the shard object's index, then pread + one codec call
     per inner chunk, decoded straight into the caller's buffer (zarr costs ~1 ms and a copy per chunk)."""
 
-    path: str  # the shard object acts/<hook>/c/0/0
+    path: Path | URL  # the shard object acts/<hook>/c/0/0
     index: np.ndarray  # [chunks, 2] uint64 (offset, nbytes)
     rows: int  # rows per inner chunk
     shape: tuple  # (n, d)
@@ -59,31 +60,30 @@ def _direct(store: StoreReader, k: int, hook: str) -> _Direct | None:
     codec = {(BytesCodec,): "none", (BytesCodec, BloscCodec): "blosc", (BytesCodec, ZstdCodec): "zstd"}.get(
         tuple(inner[:-1] if checked else inner)
     )
-    path = os.path.join(store.shards[k].path, "acts", hook, "c", "0", "0")
+    path = store.shards[k].path / "acts" / hook / "c" / "0" / "0"
     if codec is None:
         return None
-    if not os.path.isfile(path):
+    files = store.files
+    if not files.is_file(path):
         if checked:  # version 2 writes every file: a missing one is damage, never "all zeros"
             raise store.damaged(k, data_file(f"acts/{hook}"), "file is missing")
         return None  # version 1: zarr reads it as the fill value, as it always did
     n_chunks = arr.shards[0] // arr.chunks[0]
-    with open(path, "rb") as f:
-        f.seek(-(16 * n_chunks + 4), os.SEEK_END)
-        raw = f.read()
+    raw = files.read_tail(path, 16 * n_chunks + 4)
     if crc32c_bytes(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
         return None  # let zarr report the corruption
     index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
     return _Direct(path, index, arr.chunks[0], arr.shape, np.dtype(arr.dtype), codec, checked)
 
 
-def _decode(plan: _Direct, fd: int, c: int, out: np.ndarray) -> None:
+def _decode(plan: _Direct, pread: Callable[[int, int], bytes], c: int, out: np.ndarray) -> None:
     off, nbytes = (int(v) for v in plan.index[c])
     if off == _MISSING:
         if plan.checked:  # version 2 writes every chunk
             raise ValueError(f"inner chunk {c} is missing from the shard index")
         out[...] = 0
         return
-    src = os.pread(fd, nbytes, off)
+    src = pread(nbytes, off)
     if len(src) != nbytes:
         raise ValueError(f"inner chunk {c} is cut short ({len(src)} of {nbytes} bytes)")
     if plan.checked:
@@ -119,14 +119,10 @@ class ChunkReader:
         if plan is None:
             out[...] = storage_bits(self.store.read_rows(hook, unit.shard, unit.start, unit.stop))
             return
-        with self.store.reading(unit.shard, data_file(f"acts/{hook}")):
-            fd = os.open(plan.path, os.O_RDONLY)
-            try:
-                for a in range(unit.start, unit.stop, plan.rows):  # several chunks if this hook's are smaller
-                    b = min(a + plan.rows, unit.stop)
-                    _decode(plan, fd, a // plan.rows, out[a - unit.start : b - unit.start])
-            finally:
-                os.close(fd)
+        with self.store.reading(unit.shard, data_file(f"acts/{hook}")), self.store.files.ranges(plan.path) as pread:
+            for a in range(unit.start, unit.stop, plan.rows):  # several chunks if this hook's are smaller
+                b = min(a + plan.rows, unit.stop)
+                _decode(plan, pread, a // plan.rows, out[a - unit.start : b - unit.start])
 
     def dtype(self, hook: str) -> np.dtype:
         """The storage dtype (bfloat16 as uint16 bits)."""

@@ -1,13 +1,16 @@
 """The one schema of a harvest run folder: every column, code, path and file name, and the version.
 
 docs/FORMAT.md is the public description of these facts; this module is where the code reads
-them. It imports only numpy, so the engine and the ARC package can use its vocabularies (phases,
-segments, stop reasons) without pulling in zarr.
+them. It imports only numpy and harvest.store.location/objectstore (the standard library until a URL
+is used), so the engine and the ARC package can use its vocabularies (phases, segments, stop
+reasons) without pulling in zarr.
 
 Run folder:
     RUN/run.json                      provenance + config (written by the run loop)
     RUN/summary.json                  scores and speed of the last session
     RUN/.lock                         flock held by the live harvest process
+    RUN/.lock.pN                      flock of process N of a multi-process run (local folders)
+    RUN/leases/pN.json                lease of process N (object stores: no flock there)
     RUN/shards/000012.zarr/           one complete Zarr v3 group (store.shard builds it)
     RUN/commits/000012.json           commit record, written LAST; only committed shards exist
     RUN/stats/<hook>.json|.npz|...    cached statistics (store.stats); never part of the data
@@ -22,6 +25,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from harvest.store.location import TMP_MARK, URL, as_root
+from harvest.store.objectstore import files_for
 
 FORMAT_NAME = "harvest-activations"
 FORMAT_VERSION = 2  # 2: per-chunk crc32c, every chunk written, a file manifest in each commit record
@@ -83,17 +89,52 @@ KIND_FILL = {"int": -1, "float": float("nan"), "bool": False, "str": ""}
 
 _SHARD_RE = re.compile(r"^(\d+)\.zarr$")
 _COMMIT_RE = re.compile(r"^(\d+)\.json$")
-TMP_MARK = ".tmp-"  # every temporary file or folder carries it: `<final name>.tmp-<pid>-<hex>`
+_OWNED_RE = re.compile(r"^(\d+)\.(zarr|json)(\.tmp-|$)")  # a shard, a commit record, or a temp file of either
+_PROCESS_LOCK_RE = re.compile(r"^\.lock\.p\d+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessShare:
+    """Process `index` of `count` writing one run folder: it owns the shard indices i with
+    i % count == index, so shard names never collide across processes (docs/FORMAT.md,
+    "Several processes"). The default, (0, 1), is a lone harvest: it owns every index."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self):
+        if not (isinstance(self.index, int) and isinstance(self.count, int) and 0 <= self.index < self.count):
+            raise ValueError(f"process share {self.index} of {self.count}: want 0 <= index < count")
+
+    def owns(self, shard_index: int) -> bool:
+        return shard_index % self.count == self.index
+
+    def first_after(self, shard_index: int) -> int:
+        """The smallest index this process owns that is greater than shard_index (-1: the first one)."""
+        k = shard_index + 1
+        return k + (self.index - k) % self.count
+
+
+LONE = ProcessShare()  # a lone harvest, the default everywhere a share is taken
 
 
 @dataclasses.dataclass(frozen=True)
 class StoreLayout:
     """Where everything of one run folder lives."""
 
-    root: Path
+    root: Path | URL  # a local folder, or an object-store URL (harvest.store.location)
 
     def __init__(self, root: str | os.PathLike):
-        object.__setattr__(self, "root", Path(root))
+        object.__setattr__(self, "root", as_root(root))
+
+    @property
+    def files(self):
+        """The file operations for this run folder's storage (harvest.store.location)."""
+        return files_for(self.root)
+
+    @property
+    def remote(self) -> bool:
+        return isinstance(self.root, URL)
 
     @property
     def shards_dir(self) -> Path:
@@ -119,6 +160,18 @@ class StoreLayout:
     def lock_file(self) -> Path:
         return self.root / ".lock"
 
+    def process_lock_file(self, index: int) -> Path:
+        """The flock of process `index` of a multi-process run (local folders)."""
+        return self.root / f".lock.p{index}"
+
+    @property
+    def leases_dir(self) -> URL:
+        """Object stores: one lease object per live process (harvest.store.lease)."""
+        return self.root / "leases"
+
+    def lease_path(self, index: int) -> URL:
+        return self.leases_dir / f"p{index}.json"
+
     @property
     def quarantine_dir(self) -> Path:
         """Where `harvest verify --repair` moves damaged shards and their commit records."""
@@ -135,9 +188,19 @@ class StoreLayout:
                 self.run_json,
                 self.summary_json,
                 self.lock_file,
+                self.leases_dir,
                 self.quarantine_dir,
             )
         }
+
+    def is_lock(self, name: str) -> bool:
+        """The run's locks (.lock, .lock.pN) and leases: what --overwrite keeps while it holds them."""
+        return name in (self.lock_file.name, self.leases_dir.name) or bool(_PROCESS_LOCK_RE.match(name))
+
+    def is_entry(self, name: str) -> bool:
+        """Whether a top-level name belongs to a run folder (temp files by their final name)."""
+        name = name.split(TMP_MARK)[0]
+        return name in self.entries() or bool(_PROCESS_LOCK_RE.match(name))
 
     @staticmethod
     def shard_name(index: int) -> str:
@@ -153,6 +216,13 @@ class StoreLayout:
     def shard_index(name: str) -> int | None:
         """`000012.zarr` -> 12; None for anything else."""
         m = _SHARD_RE.match(name)
+        return int(m[1]) if m else None
+
+    @staticmethod
+    def owner_index(name: str) -> int | None:
+        """The shard index a name of shards/ or commits/ belongs to, temp files included
+        (`000012.zarr.tmp-1-ab` -> 12): which process may clean it up."""
+        m = _OWNED_RE.match(name)
         return int(m[1]) if m else None
 
     @staticmethod

@@ -18,7 +18,10 @@ from pathlib import Path
 import google_crc32c
 import numpy as np
 
-_BLOCK = 8 << 20
+from harvest.store.location import URL
+from harvest.store.objectstore import files_for
+
+_BATCH = 64 << 20  # object stores: bytes fetched at once when checksumming many small files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +36,37 @@ class FileProblem:
         return f"{self.path}: {self.detail}"
 
 
-def crc32c_file(path: Path) -> int:
+def crc32c_file(path: Path | URL) -> int:
     crc = 0
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_BLOCK):
-            crc = google_crc32c.extend(crc, block)
+    for block in files_for(path).blocks(path):
+        crc = google_crc32c.extend(crc, block)
     return crc
+
+
+def _crc32c_files(fs, folder: Path | URL, rels: list[str], sizes: dict, kept: dict) -> list[int]:
+    """crc32c of each file. Object stores: files up to _BATCH bytes together are fetched concurrently
+    (one round trip each, overlapped: a shard has dozens of small files), and kept[rel] = their bytes;
+    larger ones are streamed."""
+    if not fs.remote:
+        return [crc32c_file(folder / rel) for rel in rels]
+    out: dict[str, int] = {}
+    batch: list[str] = []
+
+    def flush() -> None:
+        data = fs.read_many([folder / r for r in batch])
+        kept.update(zip(batch, data))
+        out.update(zip(batch, map(crc32c_bytes, data)))
+        batch.clear()
+
+    for rel in rels:
+        if sizes[rel] > _BATCH:
+            out[rel] = crc32c_file(folder / rel)
+            continue
+        if sum(sizes[r] for r in batch) + sizes[rel] > _BATCH:
+            flush()
+        batch.append(rel)
+    flush()
+    return [out[rel] for rel in rels]
 
 
 def crc32c_bytes(data: bytes | memoryview) -> int:
@@ -62,31 +90,37 @@ def is_metadata(rel: str) -> bool:
 
 
 def check_files(
-    shard_dir: Path, files: dict[str, list[int]], checksum: Callable[[str], bool], unlisted: bool = False
+    shard_dir: Path | URL,
+    files: dict[str, list[int]],
+    checksum: Callable[[str], bool],
+    unlisted: bool = False,
+    fetched: dict[str, bytes] | None = None,
 ) -> list[FileProblem]:
-    """Compare shard_dir with its manifest: every file present with its size, and the crc32c of the
-    files `checksum(rel)` selects. unlisted=True also reports files the manifest does not name."""
+    """Compare shard_dir (a local folder or an object-store prefix) with its manifest: every file present
+    with its size, and the crc32c of the files `checksum(rel)` selects. unlisted=True also reports files
+    the manifest does not name. fetched: on an object store, receives the bytes of the checksummed files
+    that matched (a reader then opens zarr on exactly those bytes, without fetching them again)."""
+    fs = files_for(shard_dir)
     problems = []
-    for rel, (size, crc) in files.items():
-        p = shard_dir / rel
-        try:
-            actual = p.stat().st_size
-        except FileNotFoundError:
+    sizes = fs.file_sizes(shard_dir, files)
+    to_sum = []
+    for rel, (size, _) in files.items():
+        actual = sizes[rel]
+        if actual is None:
             problems.append(FileProblem(rel, "missing", "file is missing"))
-            continue
-        if actual != size:
+        elif actual != size:
             problems.append(FileProblem(rel, "size", f"{actual} bytes, the commit record says {size}"))
-        elif checksum(rel) and crc32c_file(p) != crc:
+        elif checksum(rel):
+            to_sum.append(rel)
+    kept: dict[str, bytes] = {}
+    for rel, got in zip(to_sum, _crc32c_files(fs, shard_dir, to_sum, sizes, kept)):
+        if got != files[rel][1]:
             problems.append(FileProblem(rel, "checksum", "crc32c differs from the commit record"))
-    if unlisted and shard_dir.is_dir():
-        for rel in sorted(set(manifest_paths(shard_dir)) - set(files)):
+        elif fetched is not None and rel in kept:
+            fetched[rel] = kept[rel]
+    order = {rel: i for i, rel in enumerate(files)}
+    problems.sort(key=lambda p: order[p.path])  # in manifest order: readers report the first
+    if unlisted and fs.is_dir(shard_dir):
+        for rel in sorted(set(fs.list_files(shard_dir)) - set(files)):
             problems.append(FileProblem(rel, "unlisted", "file is not in the commit record"))
     return problems
-
-
-def manifest_paths(shard_dir: Path) -> list[str]:
-    return sorted(
-        (Path(dirpath) / name).relative_to(shard_dir).as_posix()
-        for dirpath, _, names in os.walk(shard_dir)
-        for name in names
-    )

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Hashable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,12 +35,14 @@ import zarr
 
 from harvest.store.format import FORMAT_VERSION, OFFSET_COLUMNS, SEQUENCE_COLUMNS, StoreLayout
 from harvest.store.integrity import check_files, is_metadata
-from harvest.store.runfolder import StoreError, read_commits, read_run_metadata
+from harvest.store.location import URL
+from harvest.store.runfolder import NotARunError, StoreError, check_run_folder, read_commits, read_run_metadata
 from harvest.store.shard import from_storage
 
 __all__ = ["StoreReader", "ActivationView", "SequenceTable", "ChunkRef", "ShardInfo", "NotARunError"]
 
 T = TypeVar("T")
+_REMOTE_READS = 16  # concurrent requests when reading many small arrays from an object store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,30 +58,11 @@ class ChunkRef:
 @dataclasses.dataclass(frozen=True)
 class ShardInfo:
     index: int  # the shard's number in its file name
-    path: Path
+    path: Path | URL  # a local folder, or an object-store prefix
     num_tokens: int
     offset: int  # global row of its first token
     sequence_ids: tuple[int, ...]
     files: dict | None  # relative path -> [size, crc32c] (format version 2); None for version 1
-
-
-class NotARunError(StoreError, FileNotFoundError):
-    """open_store was given a path that is not a run folder."""
-
-
-def check_run_folder(layout: StoreLayout) -> None:
-    """Raise NotARunError, with a hint, unless layout.root is a run folder (it has commits/ or run.json)."""
-    root = layout.root
-    if not root.is_dir():
-        raise NotARunError(f"no run folder at {root}")
-    if layout.commits_dir.is_dir() or layout.run_json.is_file():
-        return
-    if StoreLayout.shard_index(root.name) is not None and (root / "zarr.json").is_file():
-        raise NotARunError(f"{root} is one shard of a run; open the run folder {root.parent.parent} instead")
-    raise NotARunError(
-        f"{root} is not a harvest run folder (it has no commits/ or run.json); open the folder a harvest's "
-        f"output.path names"
-    )
 
 
 class SequenceTable(dict):
@@ -104,6 +88,7 @@ class StoreReader:
     def __init__(self, root: str | os.PathLike):
         self.layout = StoreLayout(root)
         self.root = self.layout.root
+        self.files = self.layout.files
         check_run_folder(self.layout)
         commits = read_commits(self.root)
         self.shards: list[ShardInfo] = []
@@ -204,14 +189,16 @@ class StoreReader:
         its size, and the crc32c of its zarr.json files (chunks carry their own checksums)."""
         if k not in self._groups:
             sh = self.shards[k]
-            if not sh.path.is_dir():
+            # version 2: the manifest check lists the folder anyway (one LIST on an object store)
+            meta: dict[str, bytes] = {}  # object stores: the zarr.json bytes just checksummed
+            problems = check_files(sh.path, sh.files, checksum=is_metadata, fetched=meta) if sh.files else []
+            gone = len(problems) == len(sh.files or ()) and all(p.what == "missing" for p in problems)
+            if gone and not self.files.is_dir(sh.path):
                 raise self.damaged(k, "", "the shard folder is missing")
-            if sh.files is not None:
-                problems = check_files(sh.path, sh.files, checksum=is_metadata)
-                if problems:
-                    raise self.damaged(k, problems[0].path, problems[0].detail)
+            if problems:
+                raise self.damaged(k, problems[0].path, problems[0].detail)
             with self.reading(k, "zarr.json"):
-                self._groups[k] = zarr.open_group(str(sh.path), mode="r")
+                self._groups[k] = zarr.open_group(self.files.zarr_store(sh.path, prefetched=meta), mode="r")
         return self._groups[k]
 
     def array(self, k: int, name: str) -> zarr.Array:
@@ -249,17 +236,31 @@ class StoreReader:
 
     def _tables(self) -> list[dict[str, np.ndarray]]:
         if self._table_cache is None:
-            tables = []
-            for k in range(len(self.shards)):
+
+            def arrays(k: int) -> list:
                 with self.reading(k, "sequences/zarr.json"):
-                    arrays = list(self.group(k)["sequences"].arrays())
-                table = {}
-                for name, arr in arrays:
-                    with self.reading(k, data_file(f"sequences/{name}")):
-                        table[name] = _plain(arr[...])
-                tables.append(table)
+                    return list(self.group(k)["sequences"].arrays())
+
+            def read(item: tuple) -> np.ndarray:
+                k, name, arr = item
+                with self.reading(k, data_file(f"sequences/{name}")):
+                    return _plain(arr[...])
+
+            listed = self.map_reads(arrays, range(len(self.shards)))
+            items = [(k, name, arr) for k, found in enumerate(listed) for name, arr in found]
+            tables: list[dict[str, np.ndarray]] = [{} for _ in self.shards]
+            for (k, name, _), col in zip(items, self.map_reads(read, items)):
+                tables[k][name] = col
             self._table_cache = tables
         return self._table_cache
+
+    def map_reads(self, fn: Callable[[Any], T], items) -> list[T]:
+        """[fn(x) for x in items], concurrently on an object store, where each read is a round trip;
+        in order on a local disk. The first failure (in item order) is raised either way."""
+        if not self.files.remote:
+            return [fn(x) for x in items]
+        with ThreadPoolExecutor(_REMOTE_READS) as pool:
+            return list(pool.map(fn, items))
 
     # ------------------------------------------------------------ public reads
 
@@ -300,12 +301,13 @@ class StoreReader:
         if name not in self._token_cache:
             if not self.shards:
                 raise StoreError("the store has no committed shards")
-            parts = []
-            for k in range(len(self.shards)):
+
+            def read(k: int) -> np.ndarray:
                 arr = self.array(k, name)
                 with self.reading(k, data_file(name)):
-                    parts.append(arr[...])
-            col = np.concatenate(parts)
+                    return arr[...]
+
+            col = np.concatenate(self.map_reads(read, range(len(self.shards))))
             col.flags.writeable = False  # every caller gets this one array
             self._token_cache[name] = col
         return self._token_cache[name]

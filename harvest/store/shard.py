@@ -2,8 +2,10 @@
 
 `ShardWriter.write(i, records)` builds `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsyncs it, renames
 it to `shards/{i:06d}.zarr`, then writes `commits/{i:06d}.json` via tmp file + rename: the commit
-point. A crash at any moment leaves either a committed shard or leftovers that
-`harvest.store.runfolder.scan_run` deletes. docs/FORMAT.md is the public contract.
+point. On an object store (no rename) it builds the shard in a local staging folder, uploads its
+files under their final names, then PUTs the commit record: the same commit point. A crash at any
+moment leaves either a committed shard or leftovers that `harvest.store.runfolder.scan_run` deletes.
+docs/FORMAT.md is the public contract.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from harvest.store.format import (
     StoreLayout,
 )
 from harvest.store.integrity import manifest
+from harvest.store.lease import check_held
+from harvest.store.location import staging_dir
 from harvest.store.runfolder import StoreError, fsync_path, fsync_tree, json_default, tmp_path, write_json_atomic
 from harvest.store.shardfile import compressor, default_threads, write_shard_object
 
@@ -244,8 +248,9 @@ class ShardWriter:
         self.codec_name, self.codec_level = codec, codec_level
         self.chunk_bytes = chunk_bytes
         self.fsync = fsync
-        self.layout.shards_dir.mkdir(parents=True, exist_ok=True)
-        self.layout.commits_dir.mkdir(parents=True, exist_ok=True)
+        self.files = self.layout.files
+        self.files.mkdir(self.layout.shards_dir)
+        self.files.mkdir(self.layout.commits_dir)
 
     def prepare_record(self, rec: SequenceRecord) -> SequenceRecord:
         """Validate and cast to storage bits (halves host RAM for float32 -> bfloat16)."""
@@ -262,8 +267,10 @@ class ShardWriter:
         if not records:
             raise StoreError("a shard needs at least one sequence")
         final = self.layout.shard_path(index)
-        if self.layout.commit_path(index).exists():
+        if self.files.exists(self.layout.commit_path(index)):
             raise StoreError(f"shard {index} is already committed; shards are immutable")
+        if self.layout.remote:
+            return self._write_remote(index, records)
         tmp = tmp_path(final)
         try:
             info = self._build(tmp, index, records)
@@ -280,12 +287,36 @@ class ShardWriter:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return self._commit(index, info)
+
+    def _commit(self, index: int, info: dict) -> dict:
         info["bytes"] = sum(size for size, _ in info["files"].values())
         info["acts_bytes"] = sum(size for rel, (size, _) in info["files"].items() if rel.startswith("acts/"))
         info["committed_at"] = time.time()
+        check_held(self.layout.root)  # object stores: never commit after losing the run's lease
         # the commit point
         write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync, failpoint="commit")
         return info
+
+    def _write_remote(self, index: int, records: list[SequenceRecord]) -> dict:
+        """Object store: build in a local staging folder, upload every file under its final name, then
+        the commit record (one PUT, last). Objects without a commit record are invisible to readers."""
+        final = self.layout.shard_path(index)
+        staging = staging_dir()
+        try:
+            local = staging / final.name
+            info = self._build(local, index, records)
+            info["files"] = manifest(local)
+            failpoints.hit("shard.built")
+            check_held(self.layout.root)
+            # an uncommitted leftover of a crash (this process owns the index): never visible, safe to drop,
+            # and its stray objects would be files the commit record does not list
+            self.files.remove(final)
+            self.files.upload(local, final, list(info["files"]))
+            failpoints.hit("shard.renamed")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._commit(index, info)
 
     def _write_acts(self, acts: zarr.Group, path: Path, hook: str, width: int, records, n: int, pool) -> int:
         """One hook's [n, width] array: zarr writes its metadata, shardfile its one storage object.

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import io
 import json
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,8 +35,9 @@ import numpy as np
 
 from harvest.store.chunks import ChunkReader
 from harvest.store.format import PHASES
+from harvest.store.location import URL
 from harvest.store.reader import StoreReader
-from harvest.store.runfolder import tmp_path, write_json_atomic
+from harvest.store.runfolder import write_json_atomic
 
 __all__ = ["Moments", "GroupStats", "HookStats", "compute_stats", "load_stats", "hook_stats"]
 
@@ -108,7 +109,7 @@ class HookStats:
     first_token: dict  # count, median_norm, max_norm, median_ratio (to the "all" median)
     outliers: list  # top-k non-first rows: [{index, norm, ratio, sequence, position, phase, segment, ...}]
     over_factor: dict  # {"factor": k, "count": non-first rows above k x median, "first_token": sinks above it}
-    norms_path: Path | None = None
+    norms_path: Path | URL | None = None
     norms_array: np.ndarray | None = dataclasses.field(default=None, repr=False)
 
     def group(self, name: str) -> GroupStats:
@@ -217,7 +218,7 @@ def _summarise(m: Moments, norms: np.ndarray, d: int) -> GroupStats:
 # ---------------------------------------------------------------- cache
 
 
-def _paths(store: StoreReader, hook: str) -> dict[str, Path]:
+def _paths(store: StoreReader, hook: str) -> dict[str, Path | URL]:
     base = store.layout.stats_dir
     return {"json": base / f"{hook}.json", "npz": base / f"{hook}.npz", "norms": base / f"{hook}.norms.npy"}
 
@@ -228,18 +229,17 @@ def fingerprint(store: StoreReader) -> list:
 
 
 def save_stats(store: StoreReader, st: HookStats, options: dict | None = None) -> HookStats:
-    """Write the cache (vectors first, the JSON last) and return st reading norms from disk."""
-    p = _paths(store, st.hook)
-    p["json"].parent.mkdir(exist_ok=True)
+    """Write the cache (vectors first, the JSON last) and return st reading norms from disk (a local
+    folder: memory-mapped) or keeping them in memory (an object store)."""
+    p, files = _paths(store, st.hook), store.files
+    files.mkdir(p["json"].parent)
     vectors = {f"{k}_{g}": getattr(st.groups[g], k) for g in st.groups for k in ("mean", "var")}
-    tmp = tmp_path(p["npz"])
-    with open(tmp, "wb") as f:
-        np.savez(f, **vectors)
-    os.replace(tmp, p["npz"])
-    tmp = tmp_path(p["norms"])
-    with open(tmp, "wb") as f:
-        np.save(f, st.norms())
-    os.replace(tmp, p["norms"])
+    buf = io.BytesIO()
+    np.savez(buf, **vectors)
+    files.write_bytes(p["npz"], buf.getvalue())
+    buf = io.BytesIO()
+    np.save(buf, st.norms())
+    files.write_bytes(p["norms"], buf.getvalue())
     doc = {
         "format": "harvest-stats",
         "version": STATS_VERSION,
@@ -254,22 +254,21 @@ def save_stats(store: StoreReader, st: HookStats, options: dict | None = None) -
         "over_factor": st.over_factor,
     }
     write_json_atomic(p["json"], doc, fsync=False)  # a lost cache is recomputed, never wrong
-    return dataclasses.replace(st, norms_path=p["norms"], norms_array=None)
+    return dataclasses.replace(st, norms_path=p["norms"], norms_array=st.norms() if files.remote else None)
 
 
 def load_stats(store: StoreReader, hook: str, options: dict | None = None) -> HookStats | None:
     """The cached statistics, or None if absent, computed from other shards or with other options."""
-    p = _paths(store, hook)
+    p, files = _paths(store, hook), store.files
     try:
-        with open(p["json"]) as f:
-            doc = json.load(f)
+        doc = json.loads(files.read_bytes(p["json"]))
         if (
             doc.get("version") != STATS_VERSION
             or doc.get("fingerprint") != fingerprint(store)
             or (options is not None and doc.get("options") != options)
         ):
             return None
-        vec = np.load(p["npz"])
+        vec = np.load(io.BytesIO(files.read_bytes(p["npz"])))
         groups = {
             g: GroupStats(
                 s["count"],
@@ -282,9 +281,11 @@ def load_stats(store: StoreReader, hook: str, options: dict | None = None) -> Ho
             )
             for g, s in doc["groups"].items()
         }
+        # an object store cannot be memory-mapped: its norms are read now ([N] float32, 4 bytes a row)
+        norms = np.load(io.BytesIO(files.read_bytes(p["norms"]))) if files.remote else None
     except (OSError, ValueError, KeyError):
         return None
-    if not p["norms"].is_file():
+    if norms is None and not files.is_file(p["norms"]):
         return None
     return HookStats(
         hook,
@@ -295,6 +296,7 @@ def load_stats(store: StoreReader, hook: str, options: dict | None = None) -> Ho
         doc["outliers"],
         doc["over_factor"],
         norms_path=p["norms"],
+        norms_array=norms,
     )
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,13 +21,15 @@ import zarr
 
 from harvest.store.format import FORMAT_VERSION, PHASES, StoreLayout
 from harvest.store.integrity import check_files
-from harvest.store.reader import check_run_folder, data_file
+from harvest.store.location import URL
+from harvest.store.reader import data_file
 from harvest.store.runfolder import (
     StoreError,
+    check_run_folder,
     find_leftovers,
     lock_run,
+    parse_json,
     read_commits,
-    read_json,
     read_run_metadata,
     scan_run,
 )
@@ -52,7 +53,7 @@ class Finding:
 
 @dataclasses.dataclass
 class VerifyReport:
-    root: Path
+    root: Path | URL
     deep: bool
     shards: int = 0  # commit records read
     files: int = 0  # files checked against a manifest
@@ -70,15 +71,13 @@ class VerifyReport:
 
 def _commit_records(layout: StoreLayout, report: VerifyReport) -> dict[int, dict]:
     out = {}
-    if not layout.commits_dir.is_dir():
-        return out
-    for p in sorted(layout.commits_dir.iterdir()):
-        i = StoreLayout.commit_index(p.name)
-        if i is None:
-            continue
+    files = layout.files
+    paths = [(StoreLayout.commit_index(p.name), p) for p, _ in files.entries(layout.commits_dir)]
+    paths = [(i, p) for i, p in paths if i is not None]
+    for (i, p), data in zip(paths, files.read_many([p for _, p in paths])):
         report.shards += 1
         try:
-            rec = read_json(p, "commit record", "")
+            rec = parse_json(data, p, "commit record", "")
             if not isinstance(rec, dict) or not {"num_tokens", "sequence_ids", "hooks", "path"} <= rec.keys():
                 raise StoreError("the commit record lacks its fields")
         except StoreError as e:
@@ -88,12 +87,12 @@ def _commit_records(layout: StoreLayout, report: VerifyReport) -> dict[int, dict
     return out
 
 
-def _rel(layout: StoreLayout, p: Path) -> str:
+def _rel(layout: StoreLayout, p: Path | URL) -> str:
     return p.relative_to(layout.root).as_posix()
 
 
 def _check_run_json(layout: StoreLayout, commits: dict[int, dict], report: VerifyReport) -> None:
-    if not layout.run_json.is_file():
+    if not layout.files.is_file(layout.run_json):
         if commits:
             report.findings.append(Finding("run.json", "run.json", "missing: the run's config and provenance are lost"))
         return
@@ -111,8 +110,9 @@ def _check_run_json(layout: StoreLayout, commits: dict[int, dict], report: Verif
             return
 
 
-def _check_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) -> bool:
-    """Files against the manifest; True if the shard may be decoded."""
+def _check_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport, fetched: dict | None = None) -> bool:
+    """Files against the manifest; True if the shard may be decoded. fetched (object stores) receives
+    the bytes of the files that matched, so a deep check decodes them without downloading them again."""
     shard = layout.root / rec["path"]
     name = _rel(layout, shard)
     if rec.get("format_version", 1) > FORMAT_VERSION:
@@ -120,14 +120,14 @@ def _check_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) -
             Finding("commit", name, f"format version {rec['format_version']} is newer than this harvest", i)
         )
         return False
-    if not shard.is_dir():
+    if not layout.files.is_dir(shard):
         report.findings.append(Finding("damaged", name, "the shard folder is missing", i))
         return False
     files = rec.get("files")
     if files is None:
         report.legacy_shards += 1
         return True
-    problems = check_files(shard, files, checksum=lambda rel: True, unlisted=True)
+    problems = check_files(shard, files, checksum=lambda rel: True, unlisted=True, fetched=fetched)
     report.files += len(files)
     report.bytes += sum(size for size, _ in files.values())
     for p in problems:
@@ -135,7 +135,7 @@ def _check_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) -
     return not problems
 
 
-def _decode_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) -> None:
+def _decode_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport, fetched: dict | None = None) -> None:
     """Decode every chunk of every array; check lengths, widths and sequence ids against the record."""
     shard = layout.root / rec["path"]
     name = _rel(layout, shard)
@@ -145,7 +145,7 @@ def _decode_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) 
         report.findings.append(Finding("damaged", f"{name}/{file}", detail, i))
 
     try:
-        group = zarr.open_group(str(shard), mode="r")
+        group = zarr.open_group(layout.files.zarr_store(shard, prefetched=fetched), mode="r")
     except Exception as e:
         return bad("zarr.json", f"cannot open: {type(e).__name__}: {e}")
     arrays = [(a, arr) for a, arr in group.arrays()]
@@ -178,7 +178,7 @@ def _decode_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport) 
 
 def verify_run(root, deep: bool = False, progress: Callable | None = None) -> VerifyReport:
     """Check a run folder; progress(iterable, total) may wrap the shard loop (e.g. tqdm)."""
-    layout = StoreLayout(Path(root))
+    layout = StoreLayout(root)
     check_run_folder(layout)
     report = VerifyReport(layout.root, deep)
     commits = _commit_records(layout, report)
@@ -192,8 +192,9 @@ def verify_run(root, deep: bool = False, progress: Callable | None = None) -> Ve
             report.findings.append(Finding("duplicate", rec["path"], also, i))
             continue
         seen.update(dict.fromkeys(rec["sequence_ids"], i))
-        if _check_shard(layout, i, rec, report) and deep:
-            _decode_shard(layout, i, rec, report)
+        fetched: dict | None = {} if deep else None  # one shard's files at a time
+        if _check_shard(layout, i, rec, report, fetched) and deep:
+            _decode_shard(layout, i, rec, report, fetched)
     for p in find_leftovers(layout, set(commits) | {f.shard for f in report.findings if f.kind == "commit"}):
         kind = "orphan" if StoreLayout.shard_index(p.name) is not None else "leftover"
         detail = "shard without a commit record" if kind == "orphan" else "temporary file of an interrupted write"
@@ -207,17 +208,18 @@ def repair_run(report: VerifyReport) -> list[str]:
     Holds the run's lock, so it never races a live harvest. run.json findings are not repairable
     here (the run's config cannot be rebuilt from its shards): they stay in the report."""
     layout = StoreLayout(report.root)
+    files = layout.files
     done = []
-    with lock_run(layout.root):
+    with lock_run(layout.root):  # as a lone harvest: refused while any harvest process holds the run
         bad = report.damaged_shards()
         if bad:
             stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
             dest = layout.quarantine_dir / stamp
-            dest.mkdir(parents=True, exist_ok=True)
+            files.mkdir(dest)
             for i in bad:
                 for p in (layout.commit_path(i), layout.shard_path(i)):  # the commit record first
-                    if p.exists():
-                        os.rename(p, dest / p.name)
+                    if files.exists(p):
+                        files.move(p, dest / p.name)
                         done.append(f"moved {_rel(layout, p)} to {_rel(layout, dest / p.name)}")
         done += [f"removed {rel}" for rel in scan_run(layout.root).removed]
     return done
@@ -225,16 +227,17 @@ def repair_run(report: VerifyReport) -> list[str]:
 
 def run_info(root) -> dict:
     """What a run holds, from its commit records and run.json (no activation is read)."""
-    layout = StoreLayout(Path(root))
+    layout = StoreLayout(root)
+    files = layout.files
     check_run_folder(layout)
     commits = read_commits(layout.root)
-    meta = read_run_metadata(layout.root) if layout.run_json.is_file() else {}
+    meta = read_run_metadata(layout.root) if files.is_file(layout.run_json) else {}
     recs = list(commits.values())
     phases = {p: sum(r.get("tokens_per_phase", {}).get(p, 0) for r in recs) for p in PHASES}
     acts_bytes = sum(r.get("acts_bytes", 0) for r in recs)
     raw = sum(r.get("acts_raw_bytes", 0) for r in recs)
     leftovers = [_rel(layout, p) for p in find_leftovers(layout, set(commits))]
-    quarantined = sorted(_rel(layout, p) for p in layout.quarantine_dir.glob("*/*"))
+    quarantined = sorted(_rel(layout, p) for d, _ in files.entries(layout.quarantine_dir) for p, _ in files.entries(d))
     return {
         "root": str(layout.root),
         "format_versions": sorted({r.get("format_version", 1) for r in recs}),

@@ -58,7 +58,9 @@ class BackgroundWriter:
     """Accumulate SequenceRecords into shards and write them in a background thread.
 
     put(item): item is a SequenceRecord, an iterable of them, or a callable returning either
-    (or None). Blocks while `max_queue` items wait. Shards get indices start_shard, start_shard+1...
+    (or None). Blocks while `max_queue` items wait. Shards get indices start_shard, start_shard +
+    shard_stride, ...: process p of n passes scan_run(..., share).next_shard and stride n, so it
+    writes only the indices it owns (harvest.store.format.ProcessShare).
     """
 
     def __init__(
@@ -74,12 +76,16 @@ class BackgroundWriter:
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         fsync: bool = True,
         threads: int | None = None,
+        shard_stride: int = 1,
     ):
         if max_queue < 1:
             raise ValueError("max_queue must be >= 1")
+        if shard_stride < 1:
+            raise ValueError("shard_stride must be >= 1")
         self._shard = ShardWriter(run_dir, hooks, storage_dtype, codec, codec_level, chunk_bytes, fsync, threads)
         self.shard_bytes = int(shard_bytes)
         self._next_index = int(start_shard)
+        self._stride = int(shard_stride)
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._lock = threading.Lock()
         self._stats = WriterStats()
@@ -192,7 +198,7 @@ class BackgroundWriter:
             return
         t0 = time.perf_counter()
         info = self._shard.write(self._next_index, self._pending)
-        self._next_index += 1
+        self._next_index += self._stride
         self._pending, self._pending_bytes = [], 0
         with self._lock:
             s = self._stats

@@ -62,6 +62,7 @@ def test_changed_config_is_refused_and_overwrite_starts_over(real_vocab_model, t
         run_harvest(from_dict(changed))
     # keys that do not change the data (codec, shard size, every runtime key) may change on resume
     same = dict(data__limit=1, capture__codec="zstd", runtime__queue=3, runtime__batch_size=1, runtime__decode_slots=2)
+    same["runtime__mesh"] = {"data": 1}  # a nested runtime key is a runtime key too
     run_harvest(from_dict(run_config(folder, tmp_path / "run", **same)))
     s = run_harvest(from_dict(changed), overwrite=True)
     assert s["sequences"] == 1 and open_store(tmp_path / "run").storage_dtype == "bfloat16"
@@ -85,6 +86,9 @@ def test_changed_config_is_refused_and_overwrite_starts_over(real_vocab_model, t
         ("generation.stop_strings=['']", "non-empty strings"),
         ("generation.seed=-1", "generation.seed: -1 is impossible"),
         ("capture.phases=[prefill, prefill]", "no repeats"),
+        ("runtime.mesh={data: 0}", "runtime.mesh.data: 0 is impossible"),
+        ("runtime.mesh={data: 2}", "runtime.mesh: {'data': 2, 'model': 1} needs 2 devices, this process has 1"),
+        ("runtime.mesh={rows: 2}", "runtime.mesh: axes are data and model"),
     ],
 )
 def test_cli_rejects_bad_config_with_one_line(override, message, tmp_path, capsys):

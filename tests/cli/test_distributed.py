@@ -1,0 +1,139 @@
+"""Two harvest processes on localhost (jax.distributed, 4 fake CPU devices each, runtime.mesh data=4)
+write one run folder. Their union equals a one-process, one-device run; a process killed mid-run is
+resumed by running the same command on both, and nothing is lost or duplicated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from harvest.cli.distributed import take_share
+from harvest.cli.main import main
+from harvest.data import open_store
+from harvest.store.format import ProcessShare
+from helpers.runs import ROOT, run_config
+
+OVERRIDES = dict(
+    data__limit=6,
+    capture__shard_mb=0.001,  # a shard per sequence: many commit points, indices of both processes interleave
+    capture__hooks=["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post"],
+    runtime__batch_size=4,
+    runtime__decode_slots=8,
+)
+ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+
+@pytest.fixture(scope="module")
+def setup(real_vocab_model, tmp_path_factory):
+    """(model folder, compile cache, the one-process one-device run)."""
+    _, folder = real_vocab_model
+    base = tmp_path_factory.mktemp("distributed")
+    cache = base / "xla-cache"
+    cfg = base / "single.yaml"
+    cfg.write_text(yaml.safe_dump(run_config(folder, base / "single", **OVERRIDES)))
+    assert main(["run", str(cfg)]) == 0
+    return folder, cache, open_store(base / "single")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start_pair(setup, out, tmp_path, failpoint: dict[int, str] | None = None) -> list[subprocess.Popen]:
+    folder, cache, _ = setup
+    port = free_port()
+    procs = []
+    for pid in (0, 1):
+        dist = {"coordinator_address": f"localhost:{port}", "num_processes": 2, "process_id": pid}
+        raw = run_config(
+            folder,
+            out,
+            runtime__distributed=dist,
+            runtime__mesh={"data": 4},
+            runtime__compile_cache=str(cache),
+            **OVERRIDES,
+        )
+        cfg = tmp_path / f"p{pid}.yaml"
+        cfg.write_text(yaml.safe_dump(raw))
+        env = {**os.environ, **ENV}
+        if failpoint and pid in failpoint:
+            env["HARVEST_FAILPOINT"] = failpoint[pid]
+        log = open(tmp_path / f"p{pid}.log", "w")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "harvest.cli.main", "run", str(cfg)], cwd=ROOT, env=env, stdout=log, stderr=log
+            )
+        )
+    return procs
+
+
+def wait_all(procs, tmp_path, timeout=400) -> list[int]:
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(timeout=max(1, deadline - time.time()))
+    return [p.returncode for p in procs]
+
+
+def assert_union_equals(store, single) -> None:
+    ids = list(store.sequences["sequence_id"])
+    assert len(ids) == len(set(ids)) == single.num_sequences  # nothing lost, nothing twice
+    assert store.num_tokens == single.num_tokens
+    for sid in single.sequences["sequence_id"]:
+        got, want = store.sequence(int(sid)), single.sequence(int(sid))
+        assert got.keys() == want.keys()
+        for k in want:
+            if np.issubdtype(want[k].dtype, np.floating):  # another device count: other float summation orders
+                scale = max(float(np.abs(want[k]).max()), 1e-12)
+                assert float(np.abs(got[k] - want[k]).max()) / scale < 1e-5, (sid, k)
+            else:
+                np.testing.assert_array_equal(got[k], want[k], err_msg=f"sequence {sid}: {k}")
+
+
+def shard_owners(store) -> set[int]:
+    return {s.index % 2 for s in store.shards}
+
+
+def test_two_processes_write_one_run(setup, tmp_path):
+    out = tmp_path / "run"
+    codes = wait_all(start_pair(setup, out, tmp_path), tmp_path)
+    assert codes == [0, 0], [(tmp_path / f"p{i}.log").read_text()[-2000:] for i in (0, 1)]
+    store = open_store(out)
+    assert shard_owners(store) == {0, 1}  # both processes committed shards, under names they own
+    assert_union_equals(store, setup[2])
+    assert main(["verify", str(out), "--deep"]) == 0
+
+
+def test_a_killed_process_is_resumed_by_rerunning_both(setup, tmp_path):
+    out = tmp_path / "run"
+    procs = start_pair(setup, out, tmp_path, failpoint={1: "pipeline.sequence@2:kill"})
+    procs[1].wait(timeout=400)
+    assert procs[1].returncode == -signal.SIGKILL, (tmp_path / "p1.log").read_text()[-2000:]
+    procs[0].kill()  # what a cluster manager does to the rest of a failed job
+    procs[0].wait()
+    before = open_store(out).num_sequences if (out / "commits").is_dir() else 0
+    assert before < setup[2].num_sequences
+    codes = wait_all(start_pair(setup, out, tmp_path), tmp_path)
+    assert codes == [0, 0], [(tmp_path / f"p{i}.log").read_text()[-2000:] for i in (0, 1)]
+    assert_union_equals(open_store(out), setup[2])
+    assert main(["verify", str(out), "--deep"]) == 0
+
+
+def test_shares_are_disjoint_balanced_and_fixed():
+    rng = np.random.default_rng(0)
+    costs = {i: int(c) for i, c in enumerate(rng.integers(100, 2000, 101))}
+    for n in (1, 2, 3, 8):
+        shares = [take_share(costs, ProcessShare(i, n)) for i in range(n)]
+        assert set().union(*shares) == set(costs) and sum(map(len, shares)) == len(costs)
+        loads = [sum(costs[s] for s in share) for share in shares]
+        assert max(loads) - min(loads) <= max(costs.values())  # within one sequence's cost
+        assert shares == [take_share(dict(reversed(costs.items())), ProcessShare(i, n)) for i in range(n)]

@@ -1,0 +1,203 @@
+"""Run folders on object storage (docs/FORMAT.md, "Object storage"): a store written to S3 (moto's
+standalone server, a real S3 endpoint on localhost) or to memory:// reads exactly like the same
+store on local disk, through every read path; damage there is found and repaired; objects without
+a commit record stay invisible; and the lease refuses a second writer in one line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pytest
+
+from harvest.cli.main import main
+from harvest.cli.pipeline import check_output, prepare_output
+from harvest.data import open_store
+from harvest.store.chunks import ChunkReader
+from harvest.store.format import ProcessShare, StoreLayout
+from harvest.store.lease import Lease, check_held
+from harvest.store.location import URL, as_root
+from harvest.store.objectstore import files_for
+from harvest.store.runfolder import StoreError, lock_run, scan_run, write_json_atomic
+from harvest.store.verify import run_info, verify_run
+from helpers.s3 import s3_bucket  # noqa: F401 - a fixture
+from helpers.stores import HA, HB, make_store
+
+STORE = dict(shards=2, seqs_per_shard=3, dtype="bfloat16")
+
+
+def reads(store) -> dict:
+    """Every read path's result (the loader with its prefetch thread, the chunk reader, statistics)."""
+    sid = int(store.shards[1].sequence_ids[0])
+    return {
+        "sequences": {k: np.asarray(v) for k, v in store.sequences.items()},
+        "tokens": {k: store.tokens(k) for k in ("token_id", "position", "phase", "sequence", "first_token")},
+        "activations": {h: store.activations(h)[:] for h in store.hooks},
+        "rows": {h: store.activations(h)[np.arange(0, store.num_tokens, 3)] for h in store.hooks},
+        "sequence": store.sequence(sid),
+        "batches": [b for b in store.batches([HA, HB], 7, seed=3, prefetch=3, exclude=())],
+        "stats": {h: store.stats(h).group("all").mean for h in store.hooks},
+        "chunks": {h: chunk_reads(store, h) for h in store.hooks},
+    }
+
+
+def chunk_reads(store, hook: str) -> list:
+    reader = ChunkReader(store, [hook])
+    return [reader.read(hook, u) for u in store.chunk_index(hook)]
+
+
+def assert_same(a, b, where="") -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        x, y = np.asarray(a), np.asarray(b)
+        assert x.dtype == y.dtype and x.shape == y.shape, where
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), where
+
+
+@pytest.fixture(scope="module")
+def local_reads(tmp_path_factory):
+    root = make_store(tmp_path_factory.mktemp("local") / "run", **STORE)
+    return reads(open_store(root))
+
+
+def test_s3_store_reads_like_local_disk_and_damage_is_found(s3_bucket, local_reads, capsys):  # noqa: F811
+    url = URL(f"{s3_bucket}/runs/a")
+    make_store(url, **STORE)
+    write_json_atomic(url / "run.json", {"hooks": {HA: 8, HB: 16}})
+    store = open_store(url)
+    assert store.root == url and [sh.index for sh in store.shards] == [0, 1]
+    assert_same(reads(store), local_reads)
+    # statistics were cached on S3 (the JSON written last); a fresh store reads them from there
+    files = files_for(url)
+    assert files.is_file(store.layout.stats_dir / f"{HA}.json")
+    assert_same(open_store(url).stats(HA).norms(), store.stats(HA).norms())
+    assert run_info(url)["sequences"] == 6
+    assert main(["info", url]) == 0 and f"run {url}" in capsys.readouterr().out
+    assert main(["verify", url]) == 0 and "ok: no findings" in capsys.readouterr().out
+
+    # a flipped byte in an activation object: no reader returns it, verify finds it, --repair sets it aside
+    target = url / f"shards/000001.zarr/acts/{HA}/c/0/0"
+    data = bytearray(files.read_bytes(target))
+    data[len(data) // 2] ^= 0x04
+    files.write_bytes(target, bytes(data))
+    with pytest.raises(StoreError, match=f"shard 1 is damaged: 000001.zarr/acts/{HA}/c/0/0") as e:
+        open_store(url).activations(HA)[:]
+    assert f"harvest verify {url}" in str(e.value) and "\n" not in str(e.value)
+    assert main(["verify", url]) == 1
+    assert f"damaged: shards/000001.zarr/acts/{HA}/c/0/0: crc32c differs" in capsys.readouterr().out
+    assert main(["verify", url, "--repair"]) == 0
+    assert "moved commits/000001.json to quarantine/" in capsys.readouterr().out
+    assert [sh.index for sh in open_store(url).shards] == [0]
+    assert main(["verify", url, "--deep"]) == 0
+    assert len(run_info(url)["quarantined"]) == 2  # the commit record and the shard
+
+
+def test_memory_url_round_trip(local_reads):
+    url = "memory://harvest-tests/run-a"
+    try:
+        make_store(url, **STORE)
+        assert_same(reads(open_store(url)), local_reads)
+        assert verify_run(url, deep=True).damaged_shards() == []
+    finally:
+        files_for(URL(url)).remove(URL(url))
+
+
+def test_objects_without_a_commit_record_are_invisible_then_cleaned(s3_bucket):  # noqa: F811
+    url = URL(f"{s3_bucket}/run")
+    make_store(url, shards=3, seqs_per_shard=2)
+    files = files_for(url)
+    layout = StoreLayout(url)
+    files.remove(layout.commit_path(2))  # a writer killed after its uploads, before the commit record
+    assert [sh.index for sh in open_store(url).shards] == [0, 1]
+    findings = [f.line() for f in verify_run(url).findings if f.kind != "run.json"]  # no run.json here
+    assert findings == ["orphan: shards/000002.zarr: shard without a commit record"]
+    other = scan_run(url, share=ProcessShare(1, 2))  # process 1 of 2 does not own shard 2: it stays
+    assert other.removed == [] and files.is_dir(layout.shard_path(2)) and other.next_shard == 3
+    res = scan_run(url)
+    assert res.removed == ["shards/000002.zarr"] and res.next_shard == 2 and res.shards == [0, 1]
+    assert not files.exists(layout.shard_path(2))
+
+
+def test_lease_refuses_a_second_harvest_in_one_line(s3_bucket):  # noqa: F811
+    url = URL(f"{s3_bucket}/run")
+    layout = StoreLayout(url)
+    files = files_for(url)
+    with lock_run(url) as lease:
+        assert isinstance(lease, Lease)
+        doc = json.loads(files.read_bytes(layout.lease_path(0)))
+        assert doc["process"] == [0, 1] and doc["expires"] > time.time()
+        with pytest.raises(StoreError) as e:
+            lock_run(url)  # the same index: refused
+        message = str(e.value)
+        assert message.startswith(f"{url} is in use by another harvest process (") and "\n" not in message
+        assert f"lease {url}/leases/p0.json valid until" in message and "delete" in message
+        with pytest.raises(StoreError, match="one of 1 processes; every process of a run uses one process count"):
+            lock_run(url, ProcessShare(1, 2))  # a multi-process member beside a lone harvest
+        lease.renew()  # renewal is a PUT conditional on the version we wrote
+    assert not files.exists(layout.lease_path(0))  # released on exit
+    with lock_run(url, ProcessShare(0, 2)), lock_run(url, ProcessShare(1, 2)):
+        with pytest.raises(StoreError, match="is in use by another harvest process"):
+            lock_run(url)  # a lone harvest (or verify --repair) beside a 2-process run
+
+
+def test_expired_lease_is_taken_over_and_a_lost_lease_stops_commits(s3_bucket):  # noqa: F811
+    url = URL(f"{s3_bucket}/run")
+    layout = StoreLayout(url)
+    files = files_for(url)
+    dead = {"owner": "x", "host": "gone", "pid": 1, "process": [0, 1], "renewed": 0.0, "expires": time.time() - 1}
+    files.write_bytes(layout.lease_path(0), json.dumps(dead).encode())
+    with lock_run(url) as lease:  # a dead process's lease lapsed: taken over
+        assert json.loads(files.read_bytes(layout.lease_path(0)))["owner"] == lease.token
+        check_held(url)
+        # another process takes the lease over (as if this one had stalled past its expiry)
+        files.write_bytes(layout.lease_path(0), json.dumps(dead | {"owner": "y"}).encode())
+        with pytest.raises(StoreError):
+            lease.renew()
+        lease.lost = "another process replaced it"  # what the renewal thread records
+        with pytest.raises(StoreError, match=f"{url}: this process lost its lease"):
+            make_store(url, shards=1, seqs_per_shard=1)
+        assert not files.exists(layout.commit_path(0))  # nothing was committed
+    assert json.loads(files.read_bytes(layout.lease_path(0)))["owner"] == "y"  # not ours: left alone
+
+
+def test_output_url_checks(s3_bucket, tmp_path):  # noqa: F811
+    from harvest.cli.config import ConfigError
+
+    check_output(as_root(f"{s3_bucket}/fresh"))  # an empty prefix is fine
+    with pytest.raises(ConfigError, match=r"output.path s3://no-such-bucket-x/run: bucket 'no-such-bucket-x' does"):
+        check_output(as_root("s3://no-such-bucket-x/run"))
+    files = files_for(URL(s3_bucket))
+    files.write_bytes(URL(f"{s3_bucket}/mine/notes.txt"), b"not a run")
+    with pytest.raises(ConfigError, match="exists and is not a harvest run folder"):
+        check_output(as_root(f"{s3_bucket}/mine"))
+    if importlib.util.find_spec("gcsfs") is None:  # one line that names the package and the extra
+        with pytest.raises(ConfigError) as e:
+            check_output(as_root("gs://bucket/run"))
+        want = "output.path gs://bucket/run: install gcsfs to use gs:// URLs (pip install 'harvest[gcs]')"
+        assert str(e.value) == want
+    assert as_root(f"file://{tmp_path}") == tmp_path
+
+
+def test_overwrite_on_s3_deletes_the_run_but_not_its_lease(s3_bucket):  # noqa: F811
+    from harvest.cli.config import ConfigError, from_dict
+
+    url = URL(f"{s3_bucket}/run")
+    files = files_for(url)
+    cfg = from_dict({"output": {"path": str(url)}})
+    write_json_atomic(url / "run.json", {"config": {"generation": {"max_new_tokens": 3}}})
+    files.write_bytes(url / "shards/000000.zarr/zarr.json", b"{}")
+    with lock_run(url):
+        with pytest.raises(ConfigError, match=f"{url} holds a run with a different config"):
+            prepare_output(url, cfg, overwrite=False)
+        prepare_output(url, cfg, overwrite=True)
+        assert [p.name for p, _ in files.entries(url)] == ["leases"]
