@@ -28,10 +28,13 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def sigterm_interrupts():
-    """Within the block, SIGTERM raises KeyboardInterrupt like Ctrl-C."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+def stop_signals_interrupt():
+    """Within the block, SIGTERM and SIGINT raise KeyboardInterrupt: a clean stop, committed shards kept.
+    SIGINT too, because a process started in the background by a script (`harvest run ... &`) inherits
+    SIGINT ignored, and Python then never turns it into KeyboardInterrupt."""
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -16,7 +16,7 @@ import sys
 
 from harvest import arc
 from harvest.cli import inspect
-from harvest.cli.commands import add_config_command, sigterm_interrupts
+from harvest.cli.commands import add_config_command, stop_signals_interrupt
 from harvest.errors import HarvestError
 from harvest.sae import cli as sae_cli
 
@@ -52,7 +52,7 @@ def _run_command(args) -> int:
 
     cfg = load(args.config, args.overrides)
     try:
-        with sigterm_interrupts():  # SIGTERM ends a run the way Ctrl-C does: complete sequences are committed
+        with stop_signals_interrupt():  # SIGTERM and SIGINT end a run cleanly: complete sequences are committed
             summary = pipeline.run(cfg, args.overwrite)
     except KeyboardInterrupt:
         committed = sum(int(c["num_sequences"]) for c in read_commits(cfg.output.path).values())

@@ -11,22 +11,29 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
 from harvest import arc, failpoints
 from harvest.cli import distributed, provenance
-from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, differing_keys, library_checks
+from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, library_checks
+from harvest.cli.output import check_output, last_session_start, prepare_output
 from harvest.cli.records import RecordBuilder, read_answer
 from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import layers_needed, parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
 from harvest.store.api import open_store
 from harvest.store.format import LONE, PHASES, SEGMENTS, STOP_REASONS, ProcessShare, StoreLayout
-from harvest.store.location import URL, StoreError, as_root
+from harvest.store.location import URL, as_root
 from harvest.store.objectstore import files_for
-from harvest.store.runfolder import lock_run, read_run_metadata, scan_run, write_json_atomic, write_run_metadata
+from harvest.store.runfolder import (
+    lock_run,
+    read_json,
+    read_run_metadata,
+    scan_run,
+    write_json_atomic,
+    write_run_metadata,
+)
 from harvest.store.writer import BackgroundWriter
 from harvest.weights.checkpoint import LoadedModel, describe, load_model
 
@@ -133,77 +140,6 @@ def admission_order(work: Work) -> list:
     return sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
 
 
-def check_output(out: Path | URL) -> None:
-    """output.path must be absent, empty or a harvest run folder: never touch anything else,
-    --overwrite included (a typo like output.path=outputs must not wipe every other run).
-    It must also be creatable and writable, checked before any work or deletion."""
-    if isinstance(out, URL):
-        return _check_remote_output(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output.path {str(out)!r} is a file")
-    existing = next(p for p in (out, *out.parents) if p.exists())
-    if not existing.is_dir():
-        raise ConfigError(f"output.path {str(out)!r} lies under the file {str(existing)!r}; choose another path")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output.path {str(out)!r}: {str(existing)!r} is not writable; choose another path")
-    layout = StoreLayout(out)
-    if out.is_dir() and any(not layout.is_entry(p.name) for p in out.iterdir()):
-        raise _not_a_run(out)
-
-
-def _not_a_run(out) -> ConfigError:
-    return ConfigError(
-        f"{out} exists and is not a harvest run folder; harvest will neither write into "
-        f"nor delete it (--overwrite included): choose another output.path"
-    )
-
-
-def _check_remote_output(out: URL) -> None:
-    """The object-store twin of check_output: the backend is installed, the bucket exists, the store
-    answers, and the prefix is empty or a run folder. (Write permission shows at the first PUT.)"""
-    try:
-        files = files_for(out)
-    except StoreError as e:
-        raise ConfigError(f"output.path {e}") from None
-    layout = StoreLayout(out)
-    try:
-        if not files.bucket_exists(out):
-            bucket = out.split("://", 1)[1].split("/", 1)[0]
-            raise ConfigError(
-                f"output.path {out}: bucket {bucket!r} does not exist (or these credentials cannot see it); "
-                f"create it or choose another output.path"
-            )
-        if files.is_file(out):
-            raise ConfigError(f"output.path {str(out)!r} is an object, not a folder")
-        entries = files.entries(out)
-    except ConfigError:
-        raise
-    except Exception as e:  # credentials, endpoint, network: the store's own words, in one line
-        detail = (str(e).strip().splitlines() or [""])[0]
-        raise ConfigError(
-            f"output.path {out}: cannot reach it ({type(e).__name__}: {detail}); check the credentials and the "
-            f"endpoint (for S3: AWS_ENDPOINT_URL, AWS_PROFILE or AWS_ACCESS_KEY_ID)"
-        ) from None
-    if any(not layout.is_entry(p.name) for p, _ in entries):
-        raise _not_a_run(out)
-
-
-def prepare_output(out: Path | URL, cfg: RunConfig, overwrite: bool) -> None:
-    """Refuse to mix runs. Called with the run lock held, so overwrite keeps the locks and leases."""
-    layout = StoreLayout(out)
-    files = layout.files
-    if overwrite:
-        for p, _ in files.entries(out):
-            if not layout.is_lock(p.name):
-                files.remove(p)
-    elif files.is_file(layout.run_json):
-        diff = differing_keys(read_run_metadata(out).get("config", {}), cfg)
-        if diff:
-            raise ConfigError(
-                f"{out} holds a run with a different config ({', '.join(diff)}); use another output.path or --overwrite"
-            )
-
-
 def inputs_fingerprint(work: Work) -> dict[str, str]:
     """What a resume must find unchanged beyond the config: sequence ids are positions in the task
     list, so new or edited tasks, other weights or another tokenizer would silently mix data."""
@@ -239,6 +175,9 @@ def run(cfg: RunConfig, overwrite: bool = False, work: Work | None = None) -> di
         jax.config.update("jax_compilation_cache_dir", cfg.runtime.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     work = work or prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
+    # every process must harvest the same sequences from the same weights, or shares would overlap or miss some
+    same = {"inputs": inputs_fingerprint(work), "config": data_fingerprint(cfg), "--overwrite": overwrite}
+    distributed.agree(same, share, "give every process the same config, model, task files and --overwrite")
     with lock_run(out, share):  # one harvest per folder (per share): two would both write and clean up
         # every process reads the same run.json and reaches the same verdict; only process 0 deletes
         if share.index == 0 or not overwrite:
@@ -291,6 +230,14 @@ def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: Proce
     meta.setdefault("sessions", []).append(session)
     if share.index == 0:
         write_run_metadata(out, meta)
+    if share.count > 1:  # every host must see the run.json process 0 just wrote: one folder, not n
+        distributed.barrier("harvest/started", share)
+        seen = started if share.index == 0 else last_session_start(out)
+        distributed.agree(
+            {"the run.json it sees": seen},
+            share,
+            f"output.path {out} is not one folder shared by every host; use a shared file system or an s3:// URL",
+        )
     if scan.removed:
         log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
 
@@ -338,18 +285,26 @@ def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: Proce
     stats = writer.stats
     elapsed = time.perf_counter() - t0
     bar.close()
-    distributed.barrier("harvest/committed", share)  # the summary scores every process's shards
-    summary = summarize(out, work, cfg, stats, counts, elapsed, engine, share)
-    failpoints.hit("pipeline.summary")  # every shard committed, run.json and summary.json not yet final
-    meta["finished"] = session["finished"] = provenance.now()
-    session["sequences"] = summary["session"]["sequences"]  # every process's
-    meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
-    session["processes"] = share.count
+    this_process = {
+        "sequences": stats.sequences_written,
+        "seconds": round(elapsed, 3),
+        **counts,
+        "written_tokens_per_phase": stats.tokens_per_phase,
+    }
+    per_process = distributed.gather_json(
+        this_process, share
+    )  # also the barrier: every shard of every process is committed
     if share.index == 0:
+        summary = summarize(out, work, cfg, stats, per_process, engine)
+        failpoints.hit("pipeline.summary")  # every shard committed, run.json and summary.json not yet final
+        meta["finished"] = session["finished"] = provenance.now()
+        session["sequences"] = summary["session"]["sequences"]  # every process's
+        session["processes"] = share.count
+        meta["summary"] = {k: v for k, v in summary.items() if k not in ("arc",)}
         write_run_metadata(out, meta)
         write_json_atomic(layout.summary_json, summary)
     distributed.barrier("harvest/summarized", share)  # process 0 hosts the coordinator: it leaves last
-    return summary
+    return summary if share.index == 0 else read_json(layout.summary_json, "summary.json", "run the command again")
 
 
 def _progress(cfg: RunConfig, total: int, done_before: int, share: ProcessShare):
@@ -365,20 +320,12 @@ def _progress(cfg: RunConfig, total: int, done_before: int, share: ProcessShare)
     )
 
 
-def summarize(
-    out: Path | URL, work: Work, cfg: RunConfig, stats, counts: dict, elapsed: float, engine: dict, share=LONE
-) -> dict:
+def summarize(out: Path | URL, work: Work, cfg: RunConfig, stats, per_process: list[dict], engine: dict) -> dict:
     """Scores over every committed sequence (this session's and earlier ones) plus this session's speed:
     every process's counts summed, over the slowest process's time (the engine's figures are this process's)."""
-    mine = {
-        "sequences": stats.sequences_written,
-        "seconds": elapsed,
-        **counts,
-        **{f"written_{p}": n for p, n in stats.tokens_per_phase.items()},
-    }
-    per = distributed.gather(mine, share)
-    total = {k: int(sum(p[k] for p in per)) for k in mine if k != "seconds"}
-    seconds = max(p["seconds"] for p in per)
+    total = {k: sum(p[k] for p in per_process) for k in ("sequences", "prompt_tokens", "generated_tokens")}
+    seconds = max(p["seconds"] for p in per_process)
+    written = {ph: sum(p["written_tokens_per_phase"][ph] for p in per_process) for ph in PHASES}
     store = open_store(out)
     table = store.sequences
     records = []
@@ -419,9 +366,9 @@ def summarize(
             "prompt_tokens": total["prompt_tokens"],
             "generated_tokens": total["generated_tokens"],
             "tokens_per_second": round((total["prompt_tokens"] + total["generated_tokens"]) / max(seconds, 1e-9), 1),
-            "written_tokens_per_phase": {p: total[f"written_{p}"] for p in stats.tokens_per_phase},
+            "written_tokens_per_phase": written,
             **engine,
-            **({"processes": [{k: round(v, 2) for k, v in p.items()} for p in per]} if share.count > 1 else {}),
+            **({"processes": per_process} if len(per_process) > 1 else {}),
         },
         "skipped_too_long": len(work.too_long),
         "skipped_invalid": len(work.skipped),

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import time
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -167,7 +168,10 @@ class Generator:
         if self.placement is not None:
             self.placement.check_rows("batch_size", gcfg.batch_size)
             self.placement.check_rows("decode_slots", gcfg.pool_slots)
-            self.tail_pool -= self.tail_pool % self.placement.data  # the tail pool splits over `data` too
+            if gcfg.tail_slots is None:  # the default tail pool is rounded down to split over `data`
+                self.tail_pool -= self.tail_pool % self.placement.data
+            elif gcfg.tail_slots:
+                self.placement.check_rows("tail_slots", gcfg.tail_slots)
             params = self.placement.put_params(params)
             edit_params = None if edit_params is None else self.placement.replicated(edit_params)
         self.cfg, self.params, self.gcfg, self.edit_params = cfg, params, gcfg, edit_params
@@ -184,6 +188,7 @@ class Generator:
             "tail_steps": 0,  # decode steps in the small tail pool
         }
         self._state: SlotState | None = None
+        self._make_empty = None
 
     def generate(self, prompts: Sequence[Sequence[int]], sequence_ids: Sequence[int]) -> list[Finished]:
         """Every prompt's results, in input order."""
@@ -295,17 +300,19 @@ class Generator:
         return _Seq(int(sequence_id), ids, -1)
 
     def _empty_state(self) -> SlotState:
-        g = self.gcfg
-        dtype = self.params["embed"].dtype
-        return self._placed(
-            empty_state(
-                self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, self.tables.num_strings, dtype
+        if self._make_empty is None:
+            g = self.gcfg
+            dtype, n_stop = self.params["embed"].dtype, self.tables.num_strings
+            make = functools.partial(
+                empty_state, self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, n_stop, dtype
             )
-        )
-
-    def _placed(self, state: SlotState) -> SlotState:
-        """On a mesh: the pool's rows over `data`, as every program takes and returns them."""
-        return state if self.placement is None else self.placement.put_state(state)
+            # on a mesh, built in place: no [N, ...] array is ever whole on one device; compiled once per generator
+            self._make_empty = (
+                make
+                if self.placement is None
+                else jax.jit(make, out_shardings=self.placement.state_shardings(jax.eval_shape(make)))
+            )
+        return self._make_empty()
 
     def _on_mesh(self):
         """The mesh as the programs' context: they pin their outputs to it (sharding.constrain_state)."""

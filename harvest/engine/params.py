@@ -1,6 +1,6 @@
 """The one description of Qwen2 weights: every tensor's Hugging Face name, GGUF name, shape, logical axes
 and init. It drives random init, safetensors loading and GGUF loading; the logical axes are declared for
-sharding rules, which nothing applies yet.
+sharding rules (harvest.engine.sharding maps them onto a device mesh).
 
 Params are a plain pytree:
     {"embed": [V, D], "final_norm": [D], "lm_head": [V, D] (untied only),
@@ -129,7 +129,7 @@ def init_params(cfg: ModelConfig, seed: int = 0, dtype=jnp.float32) -> dict:
 
 
 def param_axes(cfg: ModelConfig) -> dict:
-    """The same pytree as the params, holding each leaf's logical axes (for future sharding rules)."""
+    """The same pytree as the params, holding each leaf's logical axes (harvest.engine.sharding's rules)."""
     return assemble(cfg, {leaf.path: leaf.spec.axes for leaf in iter_specs(cfg)})
 
 

@@ -3,7 +3,7 @@
     mesh = make_mesh({"data": -1, "model": 1})             # this process's devices
     placement = Placement(cfg, mesh)
     params = placement.put_params(params)                   # weights by their logical axes
-    state = placement.put_state(state)                      # the slot pool, rows over `data`
+    shardings = placement.state_shardings(state)            # the slot pool: rows over `data`
 
 `data` splits the rows: the decode slots (KV cache, logits, capture buffers, tokens) and the prefill
 lanes. `model` splits the weights by the logical axes that `params.ParamSpec` declares (heads, KV heads,
@@ -139,11 +139,11 @@ class Placement:
     def replicated(self, tree):
         return jax.device_put(tree, self._named())
 
-    def put_state(self, state: SlotState) -> SlotState:
+    def state_shardings(self, state: SlotState) -> SlotState:
+        """The pool's NamedShardings (state may be abstract: jax.eval_shape's)."""
         specs = state_specs(state, self.model)
-        return jax.device_put(
-            state,
-            jax.tree.map(lambda p: NamedSharding(self.mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+        return jax.tree.map(
+            lambda p: NamedSharding(self.mesh, p), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
         )
 
     def put_chunk(self, chunk: PrefillChunk) -> PrefillChunk:

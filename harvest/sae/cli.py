@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from harvest.cli.commands import add_config_command, sigterm_interrupts
+from harvest.cli.commands import add_config_command, stop_signals_interrupt
 
 __all__ = ["add_commands", "train_command", "format_report"]
 
@@ -68,7 +68,7 @@ def train_command(args) -> int:
 
     cfg = load(args.config, args.overrides)
     try:
-        with sigterm_interrupts():
+        with stop_signals_interrupt():
             summary = train(cfg, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print(f"harvest train: interrupted; run the same command again to resume from the last checkpoint in "

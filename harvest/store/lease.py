@@ -3,9 +3,9 @@
 Process N of a run holds `RUN/leases/pN.json` (owner token, host, pid, process share, expiry). It is
 created with a conditional PUT (If-None-Match: *), renewed by a background thread every quarter of
 its lifetime with a PUT conditional on the version it last wrote (If-Match), and deleted when the
-process ends. A live lease held by someone else refuses the run in one line; an expired one (its
-process died without deleting it), or one whose process is gone from this very machine, is taken
-over with a PUT conditional on the version read. Stores
+process ends (a DELETE conditional on the version read). A live lease held by someone else refuses
+the run in one line; an expired one (its process died without deleting it), or one whose process is
+gone from this very machine, is taken over with a PUT conditional on the version read. Stores
 without conditional PUTs get a write-then-read-back instead, a weaker guarantee; docs/FORMAT.md
 ("Leases") states exactly what holds where.
 
@@ -201,11 +201,14 @@ class Lease:
         if self.lost or self.tag is None:
             return
         try:
-            doc = _parse(self.files.read_bytes(self.path))
+            data, tag = self.files.read_tagged(self.path)
+            doc = _parse(data)
             if doc is not None and doc.get("owner") == self.token:
-                self.files.remove(self.path)
-        except FileNotFoundError:
-            pass
+                # S3: a DELETE conditional on the version just read, so a lease another process took over
+                # since is never deleted; elsewhere compare and delete (docs/FORMAT.md, "Leases")
+                self.files.remove_if_match(self.path, tag)
+        except (FileNotFoundError, PreconditionFailed):
+            pass  # gone, or no longer ours
         except Exception as e:  # noqa: BLE001 - it lapses on its own; never hide the caller's error
             log.warning("could not delete the lease %s (%s); it lapses in %.0f s", self.path, e, self.seconds)
         self.tag = None

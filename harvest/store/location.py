@@ -14,15 +14,16 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from harvest import failpoints
 from harvest.errors import HarvestError
 
 TMP_MARK = ".tmp-"  # every temporary file or folder carries it: `<final name>.tmp-<pid>-<hex>`
-_BLOCK = 8 << 20
+READ_BLOCK = 8 << 20  # bytes per read of a whole-file stream (LocalFiles.blocks, RemoteFiles.blocks)
 
 
 class StoreError(HarvestError, RuntimeError):
@@ -166,7 +167,7 @@ class LocalFiles:
 
     def blocks(self, p: Path) -> Iterator[bytes]:
         with open(p, "rb", buffering=0) as f:
-            while block := f.read(_BLOCK):
+            while block := f.read(READ_BLOCK):
                 yield block
 
     def read_tail(self, p: Path, n: int) -> bytes:
@@ -188,6 +189,18 @@ class LocalFiles:
         tmp = tmp_path(p)
         tmp.write_bytes(data)
         os.replace(tmp, p)
+
+    def write_stream(self, p: Path, fill: Callable[[BinaryIO], None]) -> None:
+        """fill(f) writes the content to a tmp file, then rename, no fsync: for caches too big to hold a
+        second copy of in memory (a statistics cache's norms: 4 bytes a row)."""
+        tmp = tmp_path(p)
+        try:
+            with open(tmp, "wb") as f:
+                fill(f)
+            os.replace(tmp, p)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def write_json(self, p: Path, obj: Any, fsync: bool = True, failpoint: str | None = None) -> None:
         """tmp file + rename: readers see the old file, the new file, or nothing; never half a file.
@@ -226,18 +239,67 @@ LOCAL = LocalFiles()
 # ---------------------------------------------------------------- local staging of remote shards
 
 STAGING = "harvest-staging"
+STAGING_LOCK = ".lock"  # in each staging folder: flocked by its process for as long as it is in use
+_STAGING_NEW = ".new-"  # a staging folder being set up, before its lock is held: never cleaned up early
+_STAGING_GRACE_S = 24 * 3600.0  # a folder without a lock (an earlier version's, or a crash in setup) this old is stale
 
 
-def staging_dir() -> Path:
-    """A fresh local folder to build one shard in before its upload. Folders of dead processes (a
-    SIGKILL skips the cleanup) are removed first, so killed runs do not fill the temp disk."""
+@contextlib.contextmanager
+def staging_dir() -> Iterator[Path]:
+    """A fresh local folder to build one shard in before its upload, removed on exit.
+
+    Its process holds an exclusive flock on `<folder>/.lock` for as long as it is in use; the lock is
+    taken before the folder gets its visible name (set up under `.new-…`, then renamed). Stale folders
+    (a SIGKILL skips the cleanup) are removed first, so killed runs do not fill the temp disk: exactly
+    those whose lock can be taken now. flock is per open file and kernel-wide, so this holds for
+    processes of other pid namespaces (containers) sharing the temp folder, where a pid says nothing."""
+    import fcntl
+
     base = Path(tempfile.gettempdir()) / STAGING
     base.mkdir(exist_ok=True)
+    _clean_staging(base)
+    new = Path(tempfile.mkdtemp(prefix=f"{_STAGING_NEW}{os.getpid()}-", dir=base))
+    folder = base / new.name[len(_STAGING_NEW) :]
+    fd = os.open(new / STAGING_LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # no one waits on a `.new-` folder: immediate
+        try:
+            os.rename(new, folder)  # the lock (an inode's) moves with it
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # still locked: no one else removes it meanwhile
+    finally:
+        os.close(fd)
+
+
+def _clean_staging(base: Path) -> None:
+    """Remove the staging folders no live process holds (the lock can be taken without waiting)."""
+    import fcntl
+
     for d in base.iterdir():
-        pid = d.name.split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not alive(int(pid)):
+        try:
+            fd = os.open(d / STAGING_LOCK, os.O_RDONLY)
+        except FileNotFoundError:  # being set up, or left by an earlier version or a crash during setup
+            with contextlib.suppress(OSError):
+                if d.is_dir() and time.time() - d.stat().st_mtime > _STAGING_GRACE_S:
+                    shutil.rmtree(d, ignore_errors=True)
+            continue
+        except OSError:  # another user's, or not a folder
+            continue
+        try:
+            if d.name.startswith(_STAGING_NEW) and time.time() - d.stat().st_mtime <= _STAGING_GRACE_S:
+                continue  # its lock file may exist a moment before its lock is taken
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # BlockingIOError: a live process (of any pid namespace) uses it
+            continue
+        else:
             shutil.rmtree(d, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=base))
+        finally:
+            os.close(fd)
 
 
 def alive(pid: int) -> bool:

@@ -10,17 +10,26 @@ URL is used, so local runs never need them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from harvest import failpoints
-from harvest.store.location import LOCAL, URL, LocalFiles, PreconditionFailed, StoreError, json_bytes
+from harvest.store.location import (
+    LOCAL,
+    READ_BLOCK,
+    URL,
+    LocalFiles,
+    PreconditionFailed,
+    StoreError,
+    json_bytes,
+)
 
-_BLOCK = 8 << 20
 # the package (and harvest extra) that gives fsspec each protocol
 _BACKENDS = {"s3": ("s3fs", "s3"), "s3a": ("s3fs", "s3"), "gs": ("gcsfs", "gcs"), "gcs": ("gcsfs", "gcs")}
 _BUCKETS = ("s3", "s3a", "gs", "gcs")  # protocols whose first path component is a bucket
@@ -134,8 +143,8 @@ class RemoteFiles:
         return got
 
     def blocks(self, p: URL) -> Iterator[bytes]:
-        with self.fs.open(self._p(p), "rb", block_size=_BLOCK, cache_type="none") as f:
-            while block := f.read(_BLOCK):
+        with self.fs.open(self._p(p), "rb", block_size=READ_BLOCK, cache_type="none") as f:
+            while block := f.read(READ_BLOCK):
                 yield block
 
     def read_tail(self, p: URL, n: int) -> bytes:
@@ -149,6 +158,15 @@ class RemoteFiles:
 
     def write_bytes(self, p: URL, data: bytes) -> None:
         self.fs.pipe_file(self._p(p), data)  # one PUT: the object appears whole or not at all
+
+    def write_stream(self, p: URL, fill: Callable[[BinaryIO], None]) -> None:
+        """fill(f) writes the content to a local temporary file, then one upload (a single PUT, or for
+        big files a multipart upload, which also appears whole or not at all): never a second copy of
+        the content in memory."""
+        with tempfile.NamedTemporaryFile(prefix="harvest-upload-") as f:
+            fill(f)
+            f.flush()
+            self.fs.put_file(f.name, self._p(p))
 
     def write_json(self, p: URL, obj: Any, fsync: bool = True, failpoint: str | None = None) -> None:
         """One PUT. The failpoints keep their local names: before_rename is just before the PUT,
@@ -211,6 +229,10 @@ class RemoteFiles:
             self.fs.pipe_file(self._p(p), data, mode="create")
         except FileExistsError:
             raise PreconditionFailed(f"{p} exists") from None
+        except OSError as e:
+            if self.conditional and _failed_condition(e):  # 409: another conditional write to p in flight
+                raise PreconditionFailed(f"{p} is being written by another process") from None
+            raise
         return self._confirm(p, data)
 
     def put_if_match(self, p: URL, data: bytes, tag: str) -> str:
@@ -220,7 +242,7 @@ class RemoteFiles:
             try:
                 return self.fs.pipe_file(self._p(p), data, IfMatch=tag)["ETag"]
             except (OSError, ValueError) as e:
-                if "precondition" in str(e).lower().replace("-", "") or isinstance(e, FileNotFoundError):
+                if isinstance(e, FileNotFoundError) or _failed_condition(e):
                     raise PreconditionFailed(f"{p} was changed by another process") from None
                 raise
         try:
@@ -232,12 +254,72 @@ class RemoteFiles:
         self.write_bytes(p, data)
         return self._confirm(p, data)
 
+    def remove_if_match(self, p: URL, tag: str) -> None:
+        """Delete object p only if it still has version `tag`, else raise PreconditionFailed; a missing p
+        is no error. S3: one DELETE with If-Match (AWS since 2025-09; a store that ignores the header
+        deletes unconditionally, and one that refuses it gets a plain DELETE). Elsewhere compare, then
+        delete: a write between the two is lost."""
+        if self.conditional:
+            bucket, _, key = self._p(p).partition("/")
+            try:
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=tag)
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError) as e:
+                if _failed_condition(e):
+                    raise PreconditionFailed(f"{p} was changed by another process") from None
+                if not _unsupported(e):
+                    raise
+                self.remove(p)  # a store without conditional deletes
+            finally:
+                self.fs.invalidate_cache(self._p(p))
+            return
+        try:
+            current = self.read_bytes(p)
+        except FileNotFoundError:
+            return
+        if hashlib.sha256(current).hexdigest() != tag:
+            raise PreconditionFailed(f"{p} was changed by another process")
+        self.remove(p)
+
     def _confirm(self, p: URL, data: bytes) -> str:
         """Read back what we wrote: without conditional PUTs, this is how a lost race shows."""
         back = self.read_bytes(p)
         if back != data:
             raise PreconditionFailed(f"{p} was written by another process at the same time")
         return hashlib.sha256(back).hexdigest()
+
+
+_CONDITION_CODES = ("PreconditionFailed", "ConditionalRequestConflict")
+_UNSUPPORTED_CODES = ("NotImplemented", "InvalidArgument", "InvalidRequest", "400", "501")
+
+
+def _error_code(e: BaseException) -> str | None:
+    """botocore's error code of an S3 error as s3fs raises it (an OSError whose __cause__ is the
+    ClientError), or None for any other error."""
+    for err in (e.__cause__, e):
+        code = (getattr(err, "response", None) or {}).get("Error", {}).get("Code")
+        if code is not None:
+            return str(code)
+    return None
+
+
+def _failed_condition(e: BaseException) -> bool:
+    """Whether a conditional request failed on its condition: 412 PreconditionFailed, or 409
+    ConditionalRequestConflict (another conditional write to the same key in flight)."""
+    code = _error_code(e)
+    if code is not None:
+        return code in _CONDITION_CODES
+    text = str(e).lower().replace("-", "")
+    return "precondition" in text or "conditionalrequestconflict" in text
+
+
+def _unsupported(e: BaseException) -> bool:
+    """Whether the store refused a request's conditional header as unknown (an S3-compatible store)."""
+    code = _error_code(e)
+    if code is not None:
+        return code in _UNSUPPORTED_CODES
+    return getattr(e, "errno", None) in (errno.EINVAL, errno.ENOSYS)
 
 
 @functools.cache

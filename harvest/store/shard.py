@@ -3,8 +3,9 @@
 `ShardWriter.write(i, records)` builds `shards/{i:06d}.zarr.tmp-<pid>-<rand>/`, fsyncs it, renames
 it to `shards/{i:06d}.zarr`, then writes `commits/{i:06d}.json` via tmp file + rename: the commit
 point. On an object store (no rename) it builds the shard in a local staging folder, uploads its
-files under their final names, then PUTs the commit record: the same commit point. A crash at any
-moment leaves either a committed shard or leftovers that `harvest.store.runfolder.scan_run` deletes.
+files under their final names, then PUTs the commit record (on S3 only if absent): the same commit
+point. A crash at any moment leaves either a committed shard or leftovers that
+`harvest.store.runfolder.scan_run` deletes.
 docs/FORMAT.md is the public contract.
 """
 
@@ -41,7 +42,7 @@ from harvest.store.format import (
 )
 from harvest.store.integrity import manifest
 from harvest.store.lease import check_held
-from harvest.store.location import staging_dir
+from harvest.store.location import PreconditionFailed, json_bytes, staging_dir
 from harvest.store.runfolder import StoreError, fsync_path, fsync_tree, json_default, tmp_path, write_json_atomic
 from harvest.store.shardfile import compressor, default_threads, write_shard_object
 
@@ -221,6 +222,10 @@ def validate_record(rec: SequenceRecord, hooks: dict[str, int]) -> None:
         raise StoreError(f"sequence {sid}: decode tokens come before prefill tokens")
 
 
+def _already_committed(index: int) -> str:
+    return f"shard {index} is already committed; shards are immutable"
+
+
 class ShardWriter:
     """Writes one complete shard per `write` call, then commits it. Not thread-safe: one per thread.
 
@@ -268,7 +273,7 @@ class ShardWriter:
             raise StoreError("a shard needs at least one sequence")
         final = self.layout.shard_path(index)
         if self.files.exists(self.layout.commit_path(index)):
-            raise StoreError(f"shard {index} is already committed; shards are immutable")
+            raise StoreError(_already_committed(index))
         if self.layout.remote:
             return self._write_remote(index, records)
         tmp = tmp_path(final)
@@ -294,16 +299,26 @@ class ShardWriter:
         info["acts_bytes"] = sum(size for rel, (size, _) in info["files"].items() if rel.startswith("acts/"))
         info["committed_at"] = time.time()
         check_held(self.layout.root)  # object stores: never commit after losing the run's lease
-        # the commit point
-        write_json_atomic(self.layout.commit_path(index), info, fsync=self.fsync, failpoint="commit")
+        path = self.layout.commit_path(index)
+        if not getattr(self.files, "conditional", False):
+            # the commit point (a local rename; elsewhere one PUT, `write` having checked it is not there)
+            write_json_atomic(path, info, fsync=self.fsync, failpoint="commit")
+            return info
+        # S3: the commit point is a PUT with If-None-Match: *, so a commit that lands late (a writer
+        # frozen past its lease) never replaces a commit record written since
+        failpoints.hit("commit.before_rename")
+        try:
+            self.files.put_if_absent(path, json_bytes(info))
+        except PreconditionFailed:
+            raise StoreError(_already_committed(index)) from None
+        failpoints.hit("commit.renamed")
         return info
 
     def _write_remote(self, index: int, records: list[SequenceRecord]) -> dict:
         """Object store: build in a local staging folder, upload every file under its final name, then
         the commit record (one PUT, last). Objects without a commit record are invisible to readers."""
         final = self.layout.shard_path(index)
-        staging = staging_dir()
-        try:
+        with staging_dir() as staging:  # flocked while in use: no other process's cleanup removes it
             local = staging / final.name
             info = self._build(local, index, records)
             info["files"] = manifest(local)
@@ -314,8 +329,6 @@ class ShardWriter:
             self.files.remove(final)
             self.files.upload(local, final, list(info["files"]))
             failpoints.hit("shard.renamed")
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
         return self._commit(index, info)
 
     def _write_acts(self, acts: zarr.Group, path: Path, hook: str, width: int, records, n: int, pool) -> int:

@@ -49,7 +49,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_pair(setup, out, tmp_path, failpoint: dict[int, str] | None = None) -> list[subprocess.Popen]:
+def start_pair(
+    setup, out, tmp_path, failpoint: dict[int, str] | None = None, p1: dict | None = None
+) -> list[subprocess.Popen]:
+    """Processes 0 and 1 of one run; p1: config overrides (section__key) for process 1 alone."""
     folder, cache, _ = setup
     port = free_port()
     procs = []
@@ -61,7 +64,7 @@ def start_pair(setup, out, tmp_path, failpoint: dict[int, str] | None = None) ->
             runtime__distributed=dist,
             runtime__mesh={"data": 4},
             runtime__compile_cache=str(cache),
-            **OVERRIDES,
+            **{**OVERRIDES, **((p1 or {}) if pid == 1 else {})},
         )
         cfg = tmp_path / f"p{pid}.yaml"
         cfg.write_text(yaml.safe_dump(raw))
@@ -126,6 +129,34 @@ def test_a_killed_process_is_resumed_by_rerunning_both(setup, tmp_path):
     assert codes == [0, 0], [(tmp_path / f"p{i}.log").read_text()[-2000:] for i in (0, 1)]
     assert_union_equals(open_store(out), setup[2])
     assert main(["verify", str(out), "--deep"]) == 0
+
+
+@pytest.mark.parametrize(
+    "p1, message",
+    [
+        (
+            {"generation__max_new_tokens": 5},
+            "process 1 of 2 differs from process 0 in config; give every process the same config, model, task "
+            "files and --overwrite",
+        ),
+        (
+            {"output__path": "elsewhere"},  # as if each host had its own disk
+            "process 1 of 2 differs from process 0 in the run.json it sees; output.path {out} is not one folder "
+            "shared by every host; use a shared file system or an s3:// URL",
+        ),
+    ],
+)
+def test_processes_that_disagree_all_stop_with_one_line(setup, tmp_path, p1, message):
+    out = tmp_path / "run"
+    outs = [out, tmp_path / p1["output__path"] if "output__path" in p1 else out]
+    procs = start_pair(
+        setup, out, tmp_path, p1={**p1, **({"output__path": str(outs[1])} if "output__path" in p1 else {})}
+    )
+    assert wait_all(procs, tmp_path) == [2, 2]
+    for i in (0, 1):  # each names its own output.path
+        errors = [x for x in (tmp_path / f"p{i}.log").read_text().splitlines() if x.startswith("harvest: ")]
+        assert errors == [f"harvest: error: {message.format(out=outs[i])}"], errors
+    assert not (out / "commits").is_dir() or not any((out / "commits").iterdir())  # nothing harvested
 
 
 def test_shares_are_disjoint_balanced_and_fixed():

@@ -21,8 +21,10 @@ from harvest.errors import FieldError
 from helpers.runs import ROOT
 
 SCRIPT = r"""
-import dataclasses, json
+import collections, dataclasses, json, logging, re, warnings
 import jax, numpy as np
+
+warnings.filterwarnings("error", message=".*donated buffers.*")  # a donation XLA could not use: the pool held twice
 from harvest.engine.config import ModelConfig
 from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import parse_hooks
@@ -30,6 +32,19 @@ from harvest.engine.params import init_params
 from harvest.engine.sharding import make_mesh
 
 assert jax.device_count() == 8, jax.devices()
+ENGINE = {"prefill_chunk", "decode_segment", "compact", "read_slot"}
+compiled = []  # names of the XLA programs compiled, from JAX's own compile log
+
+
+class Compiles(logging.Handler):
+    def emit(self, record):
+        m = re.match(r"Finished XLA compilation of jit\((\w+)\)", record.getMessage())
+        if m:
+            compiled.append(m[1])
+
+
+logging.getLogger("jax._src.dispatch").addHandler(Compiles())
+logging.getLogger("jax._src.dispatch").setLevel(logging.DEBUG)
 spec = lambda a: str(getattr(a.sharding, "spec", "one device"))
 out = {}
 for kv in (4, 2):
@@ -50,7 +65,11 @@ for kv in (4, 2):
     meshes = [("1", None), ("8", {"data": -1}), ("4x2", {"data": 4, "model": 2}), ("2x4", {"data": 2, "model": 4})]
     for name, axes in meshes if kv == 4 else [meshes[0], meshes[3]]:
         gen = Generator(cfg, params, g, eos_ids=(eos,), mesh=None if axes is None else make_mesh(axes))
+        jax.clear_caches()  # count every engine program the first stream compiles
+        compiled.clear()
         first = gen.generate(prompts, ids)
+        programs = dict(collections.Counter(n for n in compiled if n in ENGINE))
+        compiled.clear()
         mesh = gen.placement and gen.placement.mesh
         full_pool = Generator(cfg, params, dataclasses.replace(g, tail_slots=0), eos_ids=(eos,), mesh=mesh)
         full_pool.generate(prompts[:2], ids[:2])  # ends with the full pool: its state is kept
@@ -62,6 +81,7 @@ for kv in (4, 2):
             "acts": {str(d.sequence_id): {h.name: [d.prefill_acts[h.name].tolist(), d.decode_acts[h.name].tolist()]
                                           for h in hooks} for d in first},
             "recompiles": CompileCounter.count - before,
+            "programs": programs,  # compiled variants of each engine program in the first stream
             "tail_steps": gen.timings["tail_steps"],
             "k_w": spec(gen.params["layers"][0]["k_w"]),
             "q_w": spec(gen.params["layers"][0]["q_w"]),
@@ -98,6 +118,13 @@ def test_mesh_run_equals_one_device(mesh_runs, name):
             for want, have in zip(phases, got["acts"][seq][hook]):
                 assert rel_err(want, have) < 1e-5, (seq, hook)
     assert got["recompiles"] == 0  # other prompt lengths, other ids, the same programs
+    assert got["programs"] == one["programs"]  # no program compiled again for another layout
+    assert one["programs"]["prefill_chunk"] == 1 and set(one["programs"]) == {
+        "prefill_chunk",
+        "decode_segment",
+        "compact",
+        "read_slot",
+    }
     assert got["tail_steps"] > 0
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from harvest.cli.main import main
-from harvest.cli.pipeline import check_output
+from harvest.cli.output import check_output
 from harvest.data import open_store
 from harvest.store.format import ProcessShare, StoreLayout
 from harvest.store.location import URL

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import tempfile
 import time
 
 import numpy as np
 import pytest
 
 from harvest.cli.main import main
-from harvest.cli.pipeline import check_output, prepare_output
+from harvest.cli.output import check_output, prepare_output
 from harvest.data import open_store
 from harvest.store.chunks import ChunkReader
 from harvest.store.format import ProcessShare, StoreLayout
 from harvest.store.lease import Lease, check_held
-from harvest.store.location import URL, as_root
+from harvest.store.location import URL, PreconditionFailed, as_root
 from harvest.store.objectstore import files_for
 from harvest.store.runfolder import StoreError, lock_run, scan_run, write_json_atomic
+from harvest.store.shard import ShardWriter
 from harvest.store.verify import run_info, verify_run
 from helpers.s3 import s3_bucket  # noqa: F401 - a fixture
 from helpers.stores import HA, HB, make_store
@@ -201,3 +203,129 @@ def test_overwrite_on_s3_deletes_the_run_but_not_its_lease(s3_bucket):  # noqa: 
             prepare_output(url, cfg, overwrite=False)
         prepare_output(url, cfg, overwrite=True)
         assert [p.name for p, _ in files.entries(url)] == ["leases"]
+
+
+def test_late_commit_on_s3_never_replaces_a_newer_record(s3_bucket):  # noqa: F811
+    """A writer whose `exists` check passed before another committed its index (a writer frozen past its
+    lease) must not replace that commit record: on S3 the commit PUT is If-None-Match: *."""
+    url = URL(f"{s3_bucket}/run")
+    make_store(url, shards=1, seqs_per_shard=1)
+    files, layout = files_for(url), StoreLayout(url)
+    record = files.read_bytes(layout.commit_path(0))
+    writer = ShardWriter(url, {HA: 8, HB: 16}, fsync=False)
+    late = json.loads(record) | {"committed_at": 1.0}
+    with pytest.raises(StoreError) as e:
+        writer._commit(0, late)
+    assert str(e.value) == "shard 0 is already committed; shards are immutable"
+    assert files.read_bytes(layout.commit_path(0)) == record
+
+
+def conflict(op: str) -> OSError:
+    """An S3 409 ConditionalRequestConflict as s3fs raises it: OSError(EIO) caused by botocore's error."""
+    from botocore.exceptions import ClientError
+
+    code = "ConditionalRequestConflict"
+    cause = ClientError({"Error": {"Code": code, "Message": "A conflicting conditional operation"}}, op)
+    e = OSError(5, "A conflicting conditional operation is currently in progress")
+    e.__cause__ = cause
+    return e
+
+
+def test_s3_conditional_errors_are_read_from_their_code(s3_bucket, monkeypatch):  # noqa: F811
+    from harvest.store.objectstore import _failed_condition
+
+    assert _failed_condition(conflict("PutObject"))
+    e = OSError(22, "At least one of the pre-conditions you specified did not hold")
+    assert _failed_condition(e)  # no botocore error attached: the message
+    other = OSError(5, "precondition-ish words")
+    other.__cause__ = conflict("PutObject").__cause__
+    other.__cause__.response["Error"]["Code"] = "InternalError"
+    assert not _failed_condition(other)  # the code wins over the message
+
+    # a 409 while taking the lease (another process's conditional PUT to it in flight): one line, not EIO
+    url = URL(f"{s3_bucket}/run")
+    files, path = files_for(url), StoreLayout(url).lease_path(0)
+    theirs = {"owner": "t", "host": "other", "pid": 7, "process": [0, 1], "renewed": 0.0, "expires": time.time() + 99}
+    real = files.fs.pipe_file
+
+    def racing(p, data, **kw):
+        if kw.get("mode") == "create" and p.endswith("leases/p0.json"):
+            real(p, json.dumps(theirs).encode())  # the other process's PUT lands; ours gets the 409
+            raise conflict("PutObject")
+        return real(p, data, **kw)
+
+    monkeypatch.setattr(files.fs, "pipe_file", racing)
+    with pytest.raises(StoreError) as e:
+        lock_run(url)
+    assert str(e.value).startswith(f"{url} is in use by another harvest process (other pid 7,")
+    assert "\n" not in str(e.value) and json.loads(files.read_bytes(path))["owner"] == "t"
+
+
+@pytest.mark.parametrize("where", ["s3", "memory"])
+def test_a_released_lease_taken_over_meanwhile_is_not_deleted(where, s3_bucket, monkeypatch):  # noqa: F811
+    url = URL(f"{s3_bucket}/run") if where == "s3" else URL("memory://harvest-tests/lease-release")
+    files, path = files_for(url), StoreLayout(url).lease_path(0)
+    try:
+        lease = lock_run(url)
+        # remove_if_match: the version read, or nothing
+        data, tag = files.read_tagged(path)
+        with pytest.raises(PreconditionFailed):
+            files.remove_if_match(path, '"0123"' if where == "s3" else "0123")
+        assert files.read_bytes(path) == data
+        # another process takes the lease over just after the release read it (and found it ours): on S3
+        # the DELETE is conditional on the version read; elsewhere remove_if_match compares once more
+        read = files.read_tagged
+        theirs = json.dumps({"owner": "y", "host": "h", "pid": 1, "process": [0, 1], "expires": 1e12}).encode()
+
+        def read_then_taken_over(p):
+            got = read(p)
+            files.write_bytes(p, theirs)
+            return got
+
+        with monkeypatch.context() as m:
+            m.setattr(files, "read_tagged", read_then_taken_over)
+            lease.close()
+        assert files.read_bytes(path) == theirs
+        files.remove_if_match(path, files.read_tagged(path)[1])
+        assert not files.exists(path)
+        files.remove_if_match(path, "gone")  # a missing object: no error
+    finally:
+        if where == "memory":
+            files.remove(url)
+
+
+def test_staging_folders_are_removed_only_when_their_lock_is_free(tmp_path, monkeypatch):
+    """A live staging folder of another pid namespace (its pid means nothing here) is spared while its
+    lock is held; a stale one, and a lockless leftover older than a day, are removed."""
+    import fcntl
+    import os
+
+    from harvest.store.location import STAGING, STAGING_LOCK, staging_dir
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    base = tmp_path / STAGING
+    folders = {}
+    for name in ("999999999-live", "999999999-stale", "123-old", "124-recent", ".new-125-x"):
+        folders[name] = base / name
+        folders[name].mkdir(parents=True)
+    for name in ("999999999-live", "999999999-stale"):
+        (folders[name] / STAGING_LOCK).touch()
+    day_ago = time.time() - 2 * 86400
+    os.utime(folders["123-old"], (day_ago, day_ago))
+    held = open(folders["999999999-live"] / STAGING_LOCK)  # another open file description: another process
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with staging_dir() as mine:
+            assert sorted(p.name for p in base.iterdir()) == sorted(
+                [".new-125-x", "124-recent", "999999999-live", mine.name]
+            )
+            assert mine.name.startswith(f"{os.getpid()}-")
+            with staging_dir() as other:  # a second writer's cleanup spares the first's live folder
+                assert mine.is_dir() and other.is_dir() and other != mine
+            with open(mine / STAGING_LOCK) as f, pytest.raises(BlockingIOError):
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert not mine.exists() and folders["999999999-live"].is_dir()
+    finally:
+        held.close()
+    with staging_dir():  # its lock released: stale now
+        assert not folders["999999999-live"].exists()

@@ -138,3 +138,23 @@ def test_memo_is_shared_by_batches_and_stats(tmp_path, monkeypatch):
     assert s.stats(HA, recompute=True) is not st and computed == [HA, HA, HA]
     assert s.stats(HA) is s.stats(HA)  # recompute replaced the entry
     assert open_store(s.root).stats(HA).norms_path is not None and computed == [HA, HA, HA]  # a new store: disk
+
+
+def test_cache_streams_the_norms_to_disk(tmp_path):
+    """Saving the cache never holds a second copy of the norms in memory ([N] float32: 4 GB at 1e9 tokens)."""
+    import dataclasses
+    import tracemalloc
+
+    s = open_store(make_store(tmp_path / "run", shards=1, seqs_per_shard=2))
+    norms = np.arange(4_000_000, dtype=np.float32)  # 16 MB
+    st = dataclasses.replace(compute_stats(s, HA), norms_array=norms)
+    tracemalloc.start()
+    try:
+        saved = stats.save_stats(s, st)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < norms.nbytes / 4
+    assert saved.norms_array is None and isinstance(saved.norms(), np.memmap)
+    np.testing.assert_array_equal(saved.norms(), norms)
+    assert sorted(p.name for p in (s.root / "stats").iterdir()) == [f"{HA}.json", f"{HA}.norms.npy", f"{HA}.npz"]
