@@ -8,7 +8,8 @@ persistent compile cache) on a CPU split into fake devices (XLA_FLAGS
 processes on localhost (jax.distributed), each with its devices, writing one run folder. Printed:
 tokens harvested, wall seconds of the slowest process, tokens/s, efficiency against one device
 (tokens/s per device over the one-device tokens/s), and whether every run's tokens equal the
-one-device run's.
+one-device run's. "vs 1 device" is the whole run's tokens/s over the one-device run's: on shared cores,
+1.00x would mean sharding and extra processes cost nothing.
 
 On a CPU, fake devices share the same cores: this shows correctness and the overhead of sharding and
 of several processes, not speedup. On a machine with N accelerators the same command lines scale.
@@ -90,7 +91,10 @@ def main() -> None:
     rows = [(1, 1), (2, 1), (4, 1), (8, 1), (1, 2), (4, 2)]  # (devices per process, processes)
     print(f"harvest scaling: {args.model}, {args.tasks} tasks, {args.new} new tokens, batch 8, 16 decode slots")
     print(f"CPU: {os.cpu_count()} cores shared by every fake device and process: overhead, not speedup\n")
-    print(f"{'devices':>8} {'procs':>6} {'tokens':>8} {'wall s':>8} {'tok/s':>8} {'efficiency':>11}  same tokens")
+    print(
+        f"{'devices':>8} {'procs':>6} {'tokens':>8} {'wall s':>8} {'tok/s':>8} {'vs 1 device':>12} "
+        f"{'efficiency':>11}  same tokens"
+    )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         reference, base = None, None
@@ -105,7 +109,10 @@ def main() -> None:
             same = toks.keys() == reference.keys() and all(np.array_equal(toks[k], reference[k]) for k in toks)
             total = devices * processes
             eff = rate / (base * total)
-            print(f"{total:>8} {processes:>6} {store.num_tokens:>8,} {wall:>8.1f} {rate:>8,.0f} {eff:>10.0%}  {same}")
+            print(
+                f"{total:>8} {processes:>6} {store.num_tokens:>8,} {wall:>8.1f} {rate:>8,.0f} {rate / base:>11.2f}x "
+                f"{eff:>10.0%}  {same}"
+            )
             results.append(dict(devices=total, processes=processes, tokens=store.num_tokens, wall_s=wall, same=same))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
