@@ -48,15 +48,15 @@ logging.getLogger("jax._src.dispatch").setLevel(logging.DEBUG)
 spec = lambda a: str(getattr(a.sharding, "spec", "one device"))
 out = {}
 for kv in (4, 2):
-    cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=3, n_heads=8, n_kv_heads=kv, head_dim=16, d_mlp=160,
+    cfg = ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=8, n_kv_heads=kv, head_dim=16, d_mlp=160,
                       rope_theta=1e6, rms_norm_eps=1e-6, tie_embeddings=False)
     params = init_params(cfg, kv, jax.numpy.float32)
     params = jax.tree.map(lambda x: x * (6 if x.ndim == 2 else 1), params)  # peaked logits: varied tokens
-    hooks = parse_hooks(["blocks.2.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"], cfg)
+    hooks = parse_hooks(["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"], cfg)
     rng = np.random.default_rng(kv)
-    prompts = [rng.integers(0, 512, n).astype(np.int32) for n in (37, 300, 129, 5, 200, 64, 90, 250)]
+    prompts = [rng.integers(0, 512, n).astype(np.int32) for n in (37, 300, 129, 5, 200, 64)]
     ids = list(range(len(prompts)))
-    g = GenerateConfig(batch_size=8, decode_slots=16, prefill_chunk=64, max_prompt_len=320, max_new_tokens=16,
+    g = GenerateConfig(batch_size=8, decode_slots=16, prefill_chunk=64, max_prompt_len=320, max_new_tokens=12,
                        tail_slots=8, segment_steps=4, prefill_hooks=hooks, decode_hooks=hooks)
     free = Generator(cfg, params, g).generate(prompts, ids)
     # EOS: the most frequent token whose first occurrences differ most between rows (rows stop at many steps)

@@ -57,3 +57,19 @@ def collect(store, hooks=HA, batch=16, **kw):
     out = list(b)
     assert len(out) == len(b)
     return b, out
+
+
+def assert_same(a, b, where="") -> None:
+    """Two read results (nested dicts and lists of arrays) are equal: keys, lengths, dtypes, shapes, values."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k}]")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        x, y = np.asarray(a), np.asarray(b)
+        assert x.dtype == y.dtype and x.shape == y.shape, where
+        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), where

@@ -26,7 +26,7 @@ from harvest.store.runfolder import StoreError, lock_run, scan_run, write_json_a
 from harvest.store.shard import ShardWriter
 from harvest.store.verify import run_info, verify_run
 from helpers.s3 import s3_bucket  # noqa: F401 - a fixture
-from helpers.stores import HA, HB, make_store
+from helpers.stores import HA, HB, assert_same, make_store
 
 STORE = dict(shards=2, seqs_per_shard=3, dtype="bfloat16")
 
@@ -49,21 +49,6 @@ def reads(store) -> dict:
 def chunk_reads(store, hook: str) -> list:
     reader = ChunkReader(store, [hook])
     return [reader.read(hook, u) for u in store.chunk_index(hook)]
-
-
-def assert_same(a, b, where="") -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k}]")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        x, y = np.asarray(a), np.asarray(b)
-        assert x.dtype == y.dtype and x.shape == y.shape, where
-        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), where
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from harvest.cli.main import main
 from harvest.data import open_store
 from harvest.store.chunks import ChunkReader
 from harvest.store.runfolder import StoreError
-from helpers.stores import HA, HB, make_store
+from helpers.stores import HA, HB, assert_same, make_store
 
 V1_STORE = Path(__file__).parent / "data" / "v1-store"  # written by harvest 0.1 (format version 1)
 
@@ -67,21 +67,6 @@ def read_everything(store) -> dict:
             h: [ChunkReader(store, [h]).read(h, u) for u in store.chunk_index(h)] for h in store.hooks
         },
     }
-
-
-def assert_same(a, b, where):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}[{k}]")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    else:
-        x, y = np.asarray(a), np.asarray(b)
-        assert x.dtype == y.dtype and x.shape == y.shape, where
-        assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), where
 
 
 @pytest.fixture(scope="module")
