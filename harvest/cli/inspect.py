@@ -61,8 +61,9 @@ def info_command(args) -> int:
     ]
     for s in info["sessions"]:
         lines.append(
-            f"  session {s.get('started')} -> {s.get('finished', 'unfinished')} on {s.get('host', '?')}, "
-            f"harvest {s.get('harvest_version', '?')}, resumed {s.get('resumed_sequences', 0)} sequences"
+            f"  session {s.get('started')} -> {s.get('finished', 'unfinished')} on {s.get('host', '?')}"
+            + (f" with {s['processes']} processes" if s.get("processes", 1) > 1 else "")
+            + f", harvest {s.get('harvest_version', '?')}, resumed {s.get('resumed_sequences', 0)} sequences"
         )
     if info["leftovers"]:
         lines.append(f"  leftovers (the next harvest removes them): {', '.join(info['leftovers'])}")

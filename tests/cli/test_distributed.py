@@ -108,7 +108,7 @@ def shard_owners(store) -> set[int]:
     return {s.index % 2 for s in store.shards}
 
 
-def test_a_killed_process_is_resumed_by_rerunning_both(setup, tmp_path):
+def test_a_killed_process_is_resumed_by_rerunning_both(setup, tmp_path, capsys):
     out = tmp_path / "run"
     procs = start_pair(setup, out, tmp_path, failpoint={1: "pipeline.sequence@2:kill"})
     procs[1].wait(timeout=400)
@@ -125,6 +125,8 @@ def test_a_killed_process_is_resumed_by_rerunning_both(setup, tmp_path):
     assert main(["verify", str(out), "--deep"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["sequences"] == setup[2].num_sequences and len(summary["session"]["processes"]) == 2
+    assert main(["info", str(out)]) == 0
+    assert " with 2 processes, harvest " in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
