@@ -153,6 +153,9 @@ class CaptureSection:
     dtype: Literal[STORAGE_DTYPES] = "bfloat16"  # storage dtype
     codec: Literal[CODECS] = "blosc-zstd"
     shard_mb: float = 128.0  # activation MiB per shard: the write and commit unit
+    # prompts sharing at least this many leading tokens with an earlier sequence's prompt (samples of one
+    # prompt, test inputs of one task) are prefilled once and those rows are stored once; 0: never
+    min_shared_prefix: int = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -239,6 +242,7 @@ class RunConfig:
                 seed=g.seed,
                 prefill_hooks=hooks if "prefill" in phases else (),
                 decode_hooks=hooks if "decode" in phases else (),
+                share_prefixes=self.capture.min_shared_prefix > 0,
             )
 
 
@@ -266,6 +270,7 @@ _CHECKS = {
     "capture.hooks": (lambda v: len(v) >= 1, "non-empty"),
     "capture.phases": (lambda v: len(v) >= 1 and len(set(v)) == len(v), "non-empty, no repeats"),
     "capture.shard_mb": (lambda v: v > 0, "> 0"),
+    "capture.min_shared_prefix": (lambda v: v >= 0, ">= 0"),
     "runtime.queue": (lambda v: v >= 1, ">= 1"),
     "runtime.writer_threads": (lambda v: v is None or v >= 1, "null or >= 1"),
     "runtime.max_capture_gb": (lambda v: v > 0, "> 0"),

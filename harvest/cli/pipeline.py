@@ -18,7 +18,7 @@ from harvest import arc, failpoints
 from harvest.cli import distributed, provenance
 from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, library_checks
 from harvest.cli.output import check_output, last_session_start, prepare_output
-from harvest.cli.records import RecordBuilder, read_answer
+from harvest.cli.records import RecordBuilder, read_answer, shared_prompts
 from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import layers_needed, parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
@@ -51,6 +51,7 @@ class Work:
     skipped: list
     sequences: list  # arc.SequenceSpec, in id order, prompts that fit only
     prompts: dict  # sequence id -> arc.Prompt
+    shared: dict  # sequence id -> (donor id, shared prompt rows) for prompts stored partly with another
     too_long: list  # (arc.SequenceSpec, prompt length): skipped, scored as unanswered
     builder: arc.PromptBuilder
     generator: Generator
@@ -103,11 +104,14 @@ def prepare(cfg: RunConfig) -> Work:
             token_bytes=token_bytes_of(lm.tokenizer) if stops else None,
             mesh=cfg.device_mesh(),
         )
+    shared = {}
+    if "prefill" in cfg.capture.phases:
+        shared = shared_prompts({i: p.token_ids for i, p in prompts.items()}, cfg.capture.min_shared_prefix)
     targets = {(t.id, i): test[1] for t in tasks for i, test in enumerate(t.test)}
     records = RecordBuilder(
         lm.tokenizer, cfg.prompt.format, hooks, frozenset(cfg.capture.phases), targets, answers=not gcfg.prefill_only
     )
-    return Work(lm, hooks, tasks, skipped, kept, prompts, too_long, builder, generator, records)
+    return Work(lm, hooks, tasks, skipped, kept, prompts, shared, too_long, builder, generator, records)
 
 
 def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel) -> None:
@@ -134,10 +138,28 @@ def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel) 
         )
 
 
+def share_groups(work: Work) -> dict[int, int]:
+    """sequence id -> its group: the first sequence of its chain of shared prompts (itself if none)."""
+    group = {}
+    for s in sorted(work.sequences, key=lambda s: s.sequence_id):  # a donor's id is below its sharers'
+        donor = work.shared.get(s.sequence_id)
+        group[s.sequence_id] = group[donor[0]] if donor else s.sequence_id
+    return group
+
+
 def admission_order(work: Work) -> list:
-    """Longest prompts first (memory peaks early; the prefill lanes carry similar lengths), fixed for
-    a config, so a resumed run admits the remaining sequences in the same relative order."""
-    return sorted(work.sequences, key=lambda s: (-len(work.prompts[s.sequence_id]), s.sequence_id))
+    """Longest prompts first (memory peaks early; the prefill lanes carry similar lengths), each with the
+    prompts that share a prefix with it right after (the engine copies a prefix only from a prompt in
+    flight). Fixed for a config, so a resumed run admits the remaining sequences in the same relative order."""
+    group = share_groups(work)
+
+    def length(sid: int) -> int:
+        return len(work.prompts[sid])
+
+    return sorted(
+        work.sequences,
+        key=lambda s: (-length(group[s.sequence_id]), group[s.sequence_id], -length(s.sequence_id), s.sequence_id),
+    )
 
 
 def inputs_fingerprint(work: Work) -> dict[str, str]:
@@ -241,10 +263,14 @@ def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: Proce
     if scan.removed:
         log.warning("removed %d leftovers of an interrupted run", len(scan.removed))
 
-    max_new = cfg.generation.max_new_tokens
-    mine = distributed.take_share(
-        {s.sequence_id: len(work.prompts[s.sequence_id]) + max_new for s in work.sequences}, share
-    )
+    max_new, group = cfg.generation.max_new_tokens, share_groups(work)
+    costs = {}  # a group of shared prompts goes to one process, which can then share their prefill
+    for s in work.sequences:
+        copied = work.shared.get(s.sequence_id, (0, 0))[1]
+        costs[group[s.sequence_id]] = costs.get(group[s.sequence_id], 0) + len(work.prompts[s.sequence_id]) - copied
+        costs[group[s.sequence_id]] += max_new
+    mine_groups = distributed.take_share(costs, share)
+    mine = {sid for sid, g in group.items() if g in mine_groups}
     todo = [
         s for s in admission_order(work) if s.sequence_id in mine and s.sequence_id not in scan.committed_sequence_ids
     ]
@@ -268,7 +294,8 @@ def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: Proce
         for done in work.generator.stream((s.sequence_id, work.prompts[s.sequence_id].token_ids) for s in todo):
             failpoints.hit("pipeline.sequence")  # mid-run: the engine holds live rows, the writer queued ones
             seq = by_id[done.sequence_id]
-            writer.put(lambda d=done, s=seq: [work.records.record(d, s, work.prompts[s.sequence_id])])
+            shared = work.shared.get(done.sequence_id)
+            writer.put(lambda d=done, s=seq, p=shared: [work.records.record(d, s, work.prompts[s.sequence_id], p)])
             counts["prompt_tokens"] += done.prompt_length
             counts["generated_tokens"] += len(done.tokens)
             dt = time.perf_counter() - t0

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
 import numpy as np
 
 from harvest import arc
 from harvest.engine.generate import Finished
 from harvest.engine.hooks import Hook
+from harvest.engine.slots import common_prefix
 from harvest.store.format import PHASES, SEGMENTS, STOP_REASONS
 from harvest.store.shard import SequenceRecord
 
@@ -59,6 +61,36 @@ def answer_cells(tokenizer, generated_ids, fmt: str = "digits") -> tuple[np.ndar
     return rows, cols
 
 
+def shared_prompts(prompts: Mapping[int, np.ndarray], min_shared: int) -> dict[int, tuple[int, int]]:
+    """{sequence id: (donor id, P)} for every prompt whose first P >= min_shared tokens are also the first
+    P tokens of an earlier sequence's prompt (the longest such P; ties: the lowest donor id). Those rows
+    are stored once, with the donor (docs/FORMAT.md, "Shared prompts"); prompts not listed store all
+    their rows. A pure function of the prompts, so every session and process of a run agrees on it.
+
+    Sorted lexicographically, a prompt's longest common prefix with any other is with a neighbour, and
+    it shrinks with the distance, so the scan each way stops at the first earlier sequence."""
+    if min_shared <= 0 or len(prompts) < 2:
+        return {}
+    order = sorted(prompts, key=lambda i: (prompts[i].tolist(), i))
+    lcp = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]  # [S - 1]: neighbours
+    plan = {}
+    for j, sid in enumerate(order):
+        best = (0, -1)  # (P, donor)
+        for step in (-1, 1):
+            shared, k = len(prompts[sid]), j
+            while 0 <= k + step < len(order):
+                shared = min(shared, lcp[min(k, k + step)])
+                k += step
+                if shared < min_shared:
+                    break
+                if order[k] < sid:
+                    best = max(best, (shared, -order[k]))
+                    break
+        if best[0]:
+            plan[sid] = (-best[1], best[0])
+    return plan
+
+
 def read_answer(text: str, augmentation: dict, fmt: str):
     """The generated text as a grid in the task's original frame (augmentation undone), or None."""
     return arc.invert(arc.parse_grid(text, fmt)[0], augmentation)
@@ -84,8 +116,14 @@ class RecordBuilder:
             "target": target,
         }
 
-    def record(self, done: Finished, seq: arc.SequenceSpec, prompt: arc.Prompt) -> SequenceRecord:
+    def record(
+        self, done: Finished, seq: arc.SequenceSpec, prompt: arc.Prompt, shared: tuple[int, int] | None = None
+    ) -> SequenceRecord:
+        """shared: (donor id, P) from `shared_prompts`: the first P prompt rows are stored with the donor."""
         n, gen_ids = len(prompt), done.tokens
+        if "prefill" not in self.phases:
+            shared = None  # no prompt row is stored at all
+        donor, p = shared or (-1, 0)
         text = self.tokenizer.decode(gen_ids, skip_special_tokens=True)
         score = self.attempt(seq.task_id, seq.test_index, read_answer(text, seq.augmentation, self.fmt))
         answer = dict(
@@ -107,6 +145,8 @@ class RecordBuilder:
             augmentation=json.dumps(seq.augmentation),
             sample_index=seq.sample_index,
             prompt_length=n,
+            prompt_sequence_id=donor,
+            shared_prompt_length=p,
             generated_length=len(gen_ids),
             stop_reason=STOP_REASONS[done.stop_reason],
             **answer,
@@ -117,17 +157,17 @@ class RecordBuilder:
         if "prefill" in self.phases:
             cols.append(
                 dict(
-                    token_id=prompt.token_ids,
-                    position=np.arange(n),
-                    phase=np.full(n, PHASES["prefill"]),
-                    segment=prompt.segment,
-                    example=prompt.example,
-                    row=prompt.row,
-                    col=prompt.col,
+                    token_id=prompt.token_ids[p:],
+                    position=np.arange(p, n),
+                    phase=np.full(n - p, PHASES["prefill"]),
+                    segment=prompt.segment[p:],
+                    example=prompt.example[p:],
+                    row=prompt.row[p:],
+                    col=prompt.col[p:],
                 )
             )
             for h in self.hooks:
-                acts[h.name].append(done.prefill_acts[h.name])  # [n, width]
+                acts[h.name].append(done.prefill_acts[h.name][p:])  # [n - p, width]
         if "decode" in self.phases:
             t = len(gen_ids)
             rows, cells_col = answer_cells(self.tokenizer, gen_ids, self.fmt)

@@ -34,9 +34,10 @@ from jax.sharding import Mesh
 from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
 from harvest.engine.hooks import Edit, Hook, layers_needed
-from harvest.engine.prefill import prefill_chunk
+from harvest.engine.prefill import fork, prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.sharding import Placement
+from harvest.engine.slots import InFlight, Lanes, choose_donor
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
 from harvest.engine.stopping import STOP_NONE, StopRules
 from harvest.errors import FieldError
@@ -59,6 +60,7 @@ class GenerateConfig:
     prefill_hooks: tuple[Hook, ...] = ()
     decode_hooks: tuple[Hook, ...] = ()
     edit: Edit | None = None  # one hook's value replaced in prefill and decode (Generator's edit_params)
+    share_prefixes: bool = True  # a prompt starting like one in flight copies its cache (engine.slots)
 
     def __post_init__(self):
         for name in ("batch_size", "decode_slots", "max_prompt_len", "segment_steps"):
@@ -114,18 +116,6 @@ class Finished:
     logprob: float  # sum of the model's log-probabilities of the generated tokens (before temperature)
     prefill_acts: dict[str, np.ndarray]  # hook name -> [prompt_length, width]
     decode_acts: dict[str, np.ndarray]  # hook name -> [t, width]
-
-
-@dataclasses.dataclass
-class _Seq:
-    """A sequence in flight: its prompt, its slot and the prefill activations collected so far."""
-
-    sequence_id: int
-    prompt: np.ndarray
-    slot: int
-    next_chunk: int = 0
-    pieces: list = dataclasses.field(default_factory=list)  # this round's (prefill call index, lane, n_valid)
-    prefill_acts: dict = dataclasses.field(default_factory=dict)  # hook name -> host arrays, chunk by chunk
 
 
 class CompileCounter:
@@ -186,6 +176,7 @@ class Generator:
             "decode_seconds": 0.0,
             "decode_steps": 0,
             "tail_steps": 0,  # decode steps in the small tail pool
+            "shared_prompt_tokens": 0,  # prompt tokens copied from another slot's cache, not prefilled
         }
         self._state: SlotState | None = None
         self._make_empty = None
@@ -207,20 +198,16 @@ class Generator:
             yield from self._stream_prefill_only(state, queue)
             return
         n_slots = g.decode_slots
-        occupant: list[_Seq | None] = [None] * n_slots  # prefilling or decoding
+        occupant: list[InFlight | None] = [None] * n_slots  # prefilling or decoding
         live: set[int] = set()  # slots decoding
-        lanes = _Lanes(g.batch_size)
+        lanes = Lanes(g.batch_size)
         while queue or any(occupant):
-            for slot in range(n_slots):
-                if occupant[slot] is None and queue:
-                    occupant[slot] = seq = queue.popleft()
-                    seq.slot = slot
-                    lanes.waiting.append(seq)
+            self._admit(queue, occupant, live, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=bool(live))
             live.update(seq.slot for seq in started)
             if not live:
                 continue
-            if not queue and not lanes.busy and len(live) <= self.tail_pool < len(occupant):
+            if not queue and not lanes.busy and not lanes.pending and len(live) <= self.tail_pool < len(occupant):
                 state, occupant, live = self._shrink(state, occupant, live)
                 n_slots = len(occupant)
             # Stop decoding as soon as enough rows finish to fill the idle prefill lanes with waiting prompts.
@@ -255,27 +242,65 @@ class Generator:
                         np.asarray(tokens[:n]),
                         int(stop_reason[slot]),
                         float(logprob[slot]),
-                        {k: np.concatenate(v) for k, v in seq.prefill_acts.items()},
+                        seq.prompt_acts(),
                         {k: np.asarray(a[:n]) for k, a in acts.items()},
                     )
         self._state = state if n_slots == g.decode_slots else None
 
     def _stream_prefill_only(self, state: SlotState, queue: collections.deque) -> Iterator[Finished]:
         """Each lane owns a slot: a prompt is admitted, prefilled chunk by chunk, and finished."""
-        occupant: list[_Seq | None] = [None] * self.gcfg.pool_slots
-        lanes = _Lanes(self.gcfg.batch_size)
+        occupant: list[InFlight | None] = [None] * self.gcfg.pool_slots
+        lanes = Lanes(self.gcfg.batch_size)
         while queue or any(occupant):
-            for slot in range(len(occupant)):
-                if occupant[slot] is None and queue:
-                    occupant[slot] = seq = queue.popleft()
-                    seq.slot = slot
-                    lanes.waiting.append(seq)
+            self._admit(queue, occupant, set(), lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=False)
             for seq in started:
                 occupant[seq.slot] = None
-                acts = {k: np.concatenate(v) for k, v in seq.prefill_acts.items()}
+                acts = seq.prompt_acts()
                 yield Finished(seq.sequence_id, len(seq.prompt), np.zeros(0, np.int32), STOP_NONE, 0.0, acts, {})
         self._state = state
+
+    def _admit(self, queue: collections.deque, occupant: list, live: set[int], lanes: Lanes) -> None:
+        """Free slots take the next prompts in order. A prompt that can copy a prefix from one in flight
+        waits for that donor's cache instead of a lane (lanes.pending)."""
+        for slot in range(len(occupant)):
+            if occupant[slot] is None and queue:
+                occupant[slot] = seq = queue.popleft()
+                seq.slot = slot
+                if self.gcfg.share_prefixes:
+                    choose_donor(seq, [o for o in occupant if o is not None], self.gcfg.prefill_chunk, live)
+                (lanes.pending if seq.donor is not None else lanes.waiting).append(seq)
+
+    def _fork(self, state: SlotState, lanes: Lanes) -> tuple[SlotState, list[InFlight]]:
+        """Copy the donors' caches into the slots of pending prompts whose donor now covers the shared
+        prefix (prefill.fork). Partly shared prompts then prefill the rest in a lane; identical ones are
+        armed at once. Returns the state and the prompts done with prefill (now decoding)."""
+        g, done = self.gcfg, []
+        while ready := [s for s in lanes.pending if s.can_fork(g.prefill_chunk)]:
+            for i in range(0, len(ready), g.batch_size):
+                group = ready[i : i + g.batch_size]
+                if not (g.prefill_only and all(s.whole_shared for s in group)):  # else nothing needs a cache
+                    m = g.batch_size
+                    pad = m - len(group)
+                    with self._on_mesh():
+                        state = fork(
+                            state,
+                            np.array([s.donor.slot for s in group] + [0] * pad, np.int32),
+                            np.array([s.slot for s in group] + [g.pool_slots] * pad, np.int32),
+                            np.array([s.whole_shared and not g.prefill_only for s in group] + [False] * pad),
+                            np.array([s.sequence_id for s in group] + [0] * pad, np.uint32),
+                            g.seed,
+                        )
+                for s in group:
+                    s.forked = True
+                    lanes.pending.remove(s)
+                    self.timings["shared_prompt_tokens"] += s.shared
+                    if s.whole_shared:
+                        done.append(s)
+                    else:
+                        s.next_chunk = s.shared // g.prefill_chunk
+                        lanes.waiting.append(s)
+        return state, done
 
     def _shrink(self, state: SlotState, occupant: list, live: set[int]):
         """Move the live rows into a pool of `tail_slots` slots for the end of the stream."""
@@ -289,7 +314,7 @@ class Generator:
             seq.slot = i
         return state, small, set(range(len(old)))
 
-    def _check(self, sequence_id, prompt) -> _Seq:
+    def _check(self, sequence_id, prompt) -> InFlight:
         ids = np.asarray(prompt, np.int32).reshape(-1)
         if not len(ids):
             raise ValueError(f"sequence {sequence_id}: empty prompt")
@@ -297,7 +322,7 @@ class Generator:
             raise ValueError(
                 f"sequence {sequence_id}: prompt of {len(ids)} tokens exceeds max_prompt_len={self.gcfg.max_prompt_len}"
             )
-        return _Seq(int(sequence_id), ids, -1)
+        return InFlight(int(sequence_id), ids, -1)
 
     def _empty_state(self) -> SlotState:
         if self._make_empty is None:
@@ -319,8 +344,8 @@ class Generator:
         return contextlib.nullcontext() if self.placement is None else jax.set_mesh(self.placement.mesh)
 
     def _prefill(
-        self, state: SlotState, lanes: _Lanes, more_coming: bool, decoding: bool
-    ) -> tuple[SlotState, list[_Seq]]:
+        self, state: SlotState, lanes: Lanes, more_coming: bool, decoding: bool
+    ) -> tuple[SlotState, list[InFlight]]:
         """Run prefill calls while every lane has a chunk to do: a lane whose prompt is done takes the next
         waiting one, and a half-prefilled prompt keeps its lane until the next round. Part-empty calls run
         only when no more prompts will come, or when nothing is decoding (else nothing could progress).
@@ -329,6 +354,8 @@ class Generator:
         t0 = time.perf_counter()
         calls, started = [], []
         while True:
+            state, forked = self._fork(state, lanes)
+            started += forked
             lanes.refill()
             if lanes.busy == 0 or (lanes.idle and more_coming and (decoding or started)):
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
@@ -368,26 +395,3 @@ class Generator:
                 seq.pieces = []
             self.timings["prefill_seconds"] += time.perf_counter() - t0
         return state, started
-
-
-@dataclasses.dataclass
-class _Lanes:
-    """The prefill lanes: each carries one prompt, chunk after chunk, until it is in its slot's cache."""
-
-    size: int
-    seqs: list = dataclasses.field(default_factory=list)
-    waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # have a slot, no lane yet
-
-    def __post_init__(self):
-        self.seqs = [None] * self.size
-
-    @property
-    def busy(self) -> int:
-        return sum(s is not None for s in self.seqs)
-
-    @property
-    def idle(self) -> int:
-        return self.size - self.busy
-
-    def refill(self) -> None:
-        self.seqs = [s if s is not None else (self.waiting.popleft() if self.waiting else None) for s in self.seqs]

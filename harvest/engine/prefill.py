@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from harvest.engine import model
 from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Edit, Hook
+from harvest.engine.sampling import row_keys
 from harvest.engine.sharding import constrain_rows, constrain_state
 from harvest.engine.state import PrefillChunk, SlotState
 from harvest.engine.stopping import STOP_NONE
@@ -74,20 +75,44 @@ def prefill_chunk(
         return constrain_state(dataclasses.replace(state, cache=cache)), constrain_rows(acts)
     last_x = jnp.take_along_axis(x, jnp.maximum(chunk.n_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
     armed = jnp.where(chunk.last, chunk.slot, state.num_slots)  # lanes that finish their prompt now
-    n_stop = state.stop_state.shape[1]
-    state = dataclasses.replace(
-        state,
-        cache=cache,
-        logits=state.logits.at[armed].set(model.logits(cfg, params, last_x), mode="drop"),
-        length=state.length.at[armed].set(chunk.start + chunk.n_valid, mode="drop"),
-        num_generated=state.num_generated.at[armed].set(0, mode="drop"),
-        active=state.active.at[armed].set(True, mode="drop"),
-        keys=state.keys.at[armed].set(chunk.keys, mode="drop"),
-        stop_state=state.stop_state.at[armed].set(jnp.zeros((r, n_stop), jnp.int16), mode="drop"),
-        stop_reason=state.stop_reason.at[armed].set(STOP_NONE, mode="drop"),
-        logprob=state.logprob.at[armed].set(0.0, mode="drop"),
-    )
+    logits = model.logits(cfg, params, last_x)  # [R, V]
+    state = arm_slots(dataclasses.replace(state, cache=cache), armed, logits, chunk.start + chunk.n_valid, chunk.keys)
     return constrain_state(state), constrain_rows(acts)
+
+
+def arm_slots(state: SlotState, slots, logits, length, keys) -> SlotState:
+    """Slots [R] (N: dropped) start decoding: their next-token logits [R, V], cache length [R] and the
+    occupant's RNG key [R]; nothing generated yet."""
+    n_stop = state.stop_state.shape[1]
+    r = slots.shape[0]
+    return dataclasses.replace(
+        state,
+        logits=state.logits.at[slots].set(logits, mode="drop"),
+        length=state.length.at[slots].set(length, mode="drop"),
+        num_generated=state.num_generated.at[slots].set(0, mode="drop"),
+        active=state.active.at[slots].set(True, mode="drop"),
+        keys=state.keys.at[slots].set(keys, mode="drop"),
+        stop_state=state.stop_state.at[slots].set(jnp.zeros((r, n_stop), jnp.int16), mode="drop"),
+        stop_reason=state.stop_reason.at[slots].set(STOP_NONE, mode="drop"),
+        logprob=state.logprob.at[slots].set(0.0, mode="drop"),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("seed",), donate_argnames=("state",))
+def fork(state: SlotState, source, target, whole, sequence_ids, seed: int) -> SlotState:
+    """Shared prompt prefixes: each target slot [M] (N: none) gets a copy of its source slot's KV cache,
+    so its prompt continues from the source's columns instead of recomputing them. Only the columns
+    below the shared length are ever read (attention masks the rest), so whole rows are copied: one
+    static shape. whole [M]: the prompts are identical, so the target is armed at once from the
+    source's prompt-end logits (the source must not have decoded yet) with its own RNG key. Unused
+    rows: target = N (their writes drop), any valid source."""
+    cache = tuple(
+        (k.at[target].set(k[source], mode="drop"), v.at[target].set(v[source], mode="drop")) for k, v in state.cache
+    )
+    state = dataclasses.replace(state, cache=cache)
+    armed = jnp.where(whole, target, state.num_slots)
+    state = arm_slots(state, armed, state.logits[source], state.length[source], row_keys(seed, sequence_ids))
+    return constrain_state(state)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hooks", "edit"))

@@ -195,7 +195,7 @@ CASES = [
     Case("section_not_mapping", "section given a value instead of keys", lambda w: w.run_file("model: random:tiny\n"),
          "model: expected a mapping of keys, got str 'random:tiny'"),
     Case("unknown_key", "misspelt key", lambda w: w.run(capture__bogus=1),
-         "unknown key 'capture.bogus'; capture has hooks, phases, dtype, codec, shard_mb"),
+         "unknown key 'capture.bogus'; capture has hooks, phases, dtype, codec, shard_mb, min_shared_prefix"),
     Case("wrong_type", "a word where a number belongs", lambda w: w.run(runtime__batch_size="two"),
          "runtime.batch_size: expected int, got str 'two'"),
     Case("not_a_choice", "a value outside the key's choices", lambda w: w.run(model__dtype="float8"),

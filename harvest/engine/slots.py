@@ -1,0 +1,103 @@
+"""The host's view of the pool: sequences in flight, the prefill lanes, and shared prompt prefixes.
+
+A prompt that starts like one already in a slot need not be prefilled from scratch: its slot gets a
+copy of that donor's KV cache (prefill.fork) and prefill resumes at the first chunk past the shared
+part. Identical prompts (`generation.samples`) skip prefill entirely: the copy also arms the slot
+from the donor's prompt-end logits. The shared rows' activations are the donor's (same tokens, same
+positions: causality makes them the same numbers), so every finished sequence still carries its
+whole prompt.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(eq=False)
+class InFlight:
+    """A sequence in flight: its prompt, its slot and the prefill activations collected so far."""
+
+    sequence_id: int
+    prompt: np.ndarray  # [n] int32
+    slot: int = -1
+    next_chunk: int = 0  # the next prompt chunk to prefill (the first past `shared` once forked)
+    donor: InFlight | None = None  # the sequence whose cache holds this prompt's first `shared` tokens
+    shared: int = 0  # prompt tokens copied from the donor instead of prefilled (a whole chunk count or len)
+    forked: bool = False
+    pieces: list = dataclasses.field(default_factory=list)  # this round's (prefill call index, lane, n_valid)
+    prefill_acts: dict = dataclasses.field(default_factory=dict)  # hook name -> host arrays, chunk by chunk
+
+    @property
+    def whole_shared(self) -> bool:
+        return self.shared == len(self.prompt)
+
+    def covered(self, chunk: int) -> int:
+        """Prompt tokens whose keys and values are in this slot's cache (or queued to be, by calls issued)."""
+        if self.whole_shared and self.forked:
+            return len(self.prompt)
+        return min(self.next_chunk * chunk, len(self.prompt))
+
+    def can_fork(self, chunk: int) -> bool:
+        return self.donor is not None and not self.forked and self.donor.covered(chunk) >= self.shared
+
+    def prompt_acts(self) -> dict[str, np.ndarray]:
+        """hook name -> [rows so far, width]: the donor's first `shared` rows, then this sequence's own."""
+        own = {k: np.concatenate(v) for k, v in self.prefill_acts.items()}
+        if self.donor is None:
+            return own
+        borrowed = self.donor.prompt_acts()
+        return {k: np.concatenate([a[: self.shared], *([own[k]] if k in own else [])]) for k, a in borrowed.items()}
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """The number of leading tokens two prompts share."""
+    m = min(len(a), len(b))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if len(differ) else m
+
+
+def choose_donor(seq: InFlight, candidates, chunk: int, decoding: set[int]) -> None:
+    """Give `seq` the in-flight sequence it saves the most prefill by copying from, if any. A donor
+    that has started decoding has lost its prompt-end logits, so only whole chunks are taken from it
+    (never the prompt's last token: its logits must be computed). A partial share is at least a chunk."""
+    n = len(seq.prompt)
+    best = 0
+    for other in candidates:
+        if other is seq:
+            continue
+        same = common_prefix(seq.prompt, other.prompt)
+        if same == n == len(other.prompt) and other.slot not in decoding:
+            saved = n
+        else:
+            saved = min(same, n - 1) // chunk * chunk
+            if saved < chunk:
+                continue
+        if saved > best:  # ties: the first candidate
+            seq.donor, seq.shared, best = other, saved, saved
+
+
+@dataclasses.dataclass
+class Lanes:
+    """The prefill lanes: each carries one prompt, chunk after chunk, until it is in its slot's cache."""
+
+    size: int
+    seqs: list = dataclasses.field(default_factory=list)
+    waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # have a slot, no lane yet
+    pending: list = dataclasses.field(default_factory=list)  # have a slot, wait for their donor's cache
+
+    def __post_init__(self):
+        self.seqs = [None] * self.size
+
+    @property
+    def busy(self) -> int:
+        return sum(s is not None for s in self.seqs)
+
+    @property
+    def idle(self) -> int:
+        return self.size - self.busy
+
+    def refill(self) -> None:
+        self.seqs = [s if s is not None else (self.waiting.popleft() if self.waiting else None) for s in self.seqs]
