@@ -1,6 +1,7 @@
 """harvest vs transformers, whole process against whole process, on the same harvesting work.
 
-    python bench/harvest_vs_hf.py [--workload answers|prompts|prefill-only|rss] [--model DIR] [--dtype float32|bfloat16]
+    python bench/harvest_vs_hf.py [--workload answers|prompts|samples|prefill-only|rss] [--model DIR]
+                                  [--dtype float32|bfloat16]
                                   [--tasks N] [--batch 8] [--harvest-set section.key=value ...]
                                   [--rss-tasks 50,100,400] [--json PATH] [--keep] [--quick]
     python bench/harvest_vs_hf.py --quick            # smoke test: tiny random Qwen2 + real tokenizer, < 2 min
@@ -21,6 +22,11 @@ every test input is one sequence; harvest gets the chosen ids as data.tasks):
            tokenizer-level stop strings.
   prompts  (16 tasks) base prompts, exactly 32 new tokens (harvest fixed_length; transformers
            min_new_tokens = max_new_tokens, which masks EOS: same token counts, other tokens).
+  samples  (16 tasks) chat prompts, 8 samples each at temperature 0.7 (top-k and top-p off on both sides),
+           <= 300 new tokens, each row stops at its own EOS. harvest: generation.samples 8 (one prompt,
+           prefilled once, its rows stored once: capture.min_shared_prefix); transformers:
+           generate(num_return_sequences=8, do_sample=True), one prompt (8 rows) per call, saving every row.
+           Also printed: the rows each side stores against the rows of every copy.
   prefill-only  (48 tasks) base prompts, no generation, blocks.{n/4}.hook_resid_post only (6 of 24 layers).
            harvest: generation.max_new_tokens 0, capture.phases [prefill] (it stops after layer n/4 and runs
            no LM head); transformers: one forward pass per batch with output_hidden_states=True.
@@ -64,6 +70,7 @@ REAL = os.path.expanduser("~/.cache/harvest-fixtures/qwen2.5-coder-0.5b-instruct
 TOKENIZER = ROOT / "harvest" / "assets" / "qwen2_tokenizer"
 QWEN2_EOS = (151645, 151643)
 MAX_PROMPT = 1024
+SAMPLES, TEMPERATURE = 8, 0.7  # the samples workload
 PRESET_LAYERS = {"tiny": 4, "small": 8, "0.5b": 24, "1.5b": 28}  # harvest.engine.config.PRESETS
 
 
@@ -92,6 +99,7 @@ def hf_side(spec_path: str) -> None:
     c = spec["codec"]
     codec = numcodecs.Blosc(c["cname"], c["level"], numcodecs.Blosc.SHUFFLE, c["blocksize"])
     eos, pad, layers, new, fixed = spec["eos_ids"], spec["pad_id"], spec["layers"], spec["max_new"], spec["fixed"]
+    samples = spec.get("samples", 1)
     out_dir = Path(spec["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"  # 5.x renamed
@@ -100,6 +108,9 @@ def hf_side(spec_path: str) -> None:
         do_sample=False, num_beams=1, repetition_penalty=1.0, max_new_tokens=new, min_new_tokens=new if fixed else 0,
         eos_token_id=eos, pad_token_id=pad, output_hidden_states=True, return_dict_in_generate=True,
     )  # fmt: skip
+    if samples > 1:  # harvest's sampling: plain temperature, no top-k (transformers' default is 50), no top-p
+        gen_kw.update(do_sample=True, temperature=spec["temperature"], top_k=0, top_p=1.0)
+        gen_kw.update(num_return_sequences=samples)
 
     class FirstToken(transformers.generation.streamers.BaseStreamer):
         """generate calls put(prompt ids) before prefill, then put(token) after each step."""
@@ -134,12 +145,13 @@ def hf_side(spec_path: str) -> None:
         r["prefill_seconds"] += timer.first - t
         r["decode_seconds"] += done - timer.first
         r["decode_steps"] += steps
-        for b, (s, n_gen) in enumerate(zip(chunk, lengths)):
+        for b, n_gen in enumerate(lengths):  # rows: each prompt's samples in turn
+            s = chunk[b // samples]
             n = len(s["ids"])
             for key, add in (("prompt_tokens", n), ("generated_tokens", n_gen), ("stored_tokens", n + n_gen)):
                 r[key] += add
-            r["lengths"][s["key"]] = n_gen
-            with open(out_dir / f"{start + b:06d}.bin", "wb") as f:
+            r["lengths"][s["key"] if samples == 1 else f"{s['key']}/{b % samples}"] = n_gen
+            with open(out_dir / f"{start * samples + b:06d}.bin", "wb") as f:
                 for a in acts:
                     rows = np.ascontiguousarray(a[b, width - n : width + n_gen].numpy())
                     for i in range(0, len(rows), spec["chunk_rows"]):
@@ -169,7 +181,8 @@ def generate_batch(model, ids, mask, timer, gen_kw, eos, fixed, layers, cache_kw
             lengths.append(steps if fixed or not hit else hit[0] + 1)
         extra = None
         if max(lengths) == steps:  # that last token was never run through the model: run it
-            full = torch.cat([mask, torch.ones(len(ids), steps, dtype=mask.dtype)], 1)
+            mask = mask.repeat_interleave(len(gen) // len(ids), 0)  # num_return_sequences rows per prompt
+            full = torch.cat([mask, torch.ones(len(gen), steps, dtype=mask.dtype)], 1)
             cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
             extra = model(
                 input_ids=gen[:, -1:], attention_mask=full, position_ids=full.sum(1, keepdim=True) - 1,
@@ -385,7 +398,8 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
 
     folder = Path(args.model).expanduser()
     facts = model_facts(folder)
-    answers, prefill_only = args.workload == "answers", args.workload == "prefill-only"
+    prefill_only, samples = args.workload == "prefill-only", SAMPLES if args.workload == "samples" else 1
+    answers = args.workload in ("answers", "samples")  # chat prompts, rows stop at EOS
     layers = hook_layers(facts["layers"])[:1] if prefill_only else hook_layers(facts["layers"])
     new = 0 if prefill_only else (16 if args.quick else 300) if answers else (16 if args.quick else 32)
     has_tok = (folder / "tokenizer.json").is_file()
@@ -400,10 +414,13 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
         f"work: {args.workload}, {len(ids)} tasks, {len(seqs)} sequences, {n_prompt} prompt tokens "
         f"(max {len(seqs[0]['ids'])}), {'<= ' if answers else 'exactly '}{new} new tokens, batch {args.batch}, "
         f"{args.dtype}, hooks resid_post {layers} as float16"
+        + (f", {samples} samples per prompt at temperature {TEMPERATURE}" if samples > 1 else "")
     )
     print(f"harvest overrides: {' '.join(args.harvest_set) or '(none)'}")
 
     gen = {"max_new_tokens": new, "fixed_length": not answers, "stop_strings": []}
+    if samples > 1:
+        gen.update(samples=samples, temperature=TEMPERATURE)
     cfg = harvest_config(
         folder, args.dtype, layers, args.batch, tmp / "harvest-out", {"tasks": ids, "max_prompt_tokens": MAX_PROMPT},
         answers, gen,
@@ -418,8 +435,10 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
         model=str(folder), dtype=args.dtype, sequences=seqs, batch=args.batch, max_new=new, fixed=not answers,
         eos_ids=facts["eos"], pad_id=facts["pad"], layers=layers, codec=codec_config("blosc-zstd"),
         chunk_rows=chunk_rows(d_model, 2, DEFAULT_CHUNK_BYTES), out_dir=str(tmp / "hf-out"),
-        result=str(tmp / "hf-result.json"),
+        result=str(tmp / "hf-result.json"), samples=samples, temperature=TEMPERATURE,
     )  # fmt: skip
+    if samples > 1:
+        spec["batch"] = max(1, args.batch // samples)  # prompts per call: each brings `samples` rows
     (tmp / "hf-spec.json").write_text(json.dumps(spec))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--side", "hf", str(tmp / "hf-spec.json")]
     t_wall, t_rss = run_child("transformers", cmd, tmp / "hf.log")
@@ -442,17 +461,26 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
 
     out = Path(cfg["output"]["path"])
     h_bytes = sum(f.stat().st_size for f in out.glob("shards/*/acts/**/*") if f.is_file())
-    agree = lengths_agree(out, hf["lengths"])
+    agree = lengths_agree(out, hf["lengths"]) if samples == 1 else "n/a (sampled)"
     print(
         f"stored: harvest {summary.get('tokens')} tokens, {h_bytes / 2**20:.1f} MiB of activations; "
         f"transformers {hf['stored_tokens']} tokens, {hf['bytes'] / 2**20:.1f} MiB; "
         f"generated lengths agree on {agree} sequences"
     )
-    if s["prompt_tokens"] != n_prompt:
-        print(f"WARNING: harvest counted {s['prompt_tokens']} prompt tokens, the selection has {n_prompt}")
+    every_copy = s["prompt_tokens"] + s["generated_tokens"]  # rows if each sequence stored its whole prompt
+    stored_share = ratio(summary.get("tokens"), every_copy)
+    if samples > 1:
+        print(
+            f"harvest stored {summary.get('tokens')} of {every_copy} rows ({fmt(stored_share and 100 * stored_share)}%"
+            f" of storing every copy; about {fmt(stored_share and h_bytes / stored_share / 2**20)} MiB that way); "
+            f"{s.get('shared_prompt_tokens', 'n/a')} prompt tokens copied, not prefilled; "
+            f"harvest bytes / transformers bytes {fmt(ratio(h_bytes, hf['bytes']), '.3f')}"
+        )
+    if s["prompt_tokens"] != n_prompt * samples:
+        print(f"WARNING: harvest counted {s['prompt_tokens']} prompt tokens, the selection has {n_prompt * samples}")
     return {"work": {"tasks": ids, "sequences": len(seqs), "max_new_tokens": new, "layers": layers}, "rows": rows,
             "ratio_whole_process": whole, "ratio_in_process": inproc, "harvest_act_bytes": h_bytes,
-            "hf_act_bytes": hf["bytes"], "lengths_agree": agree}  # fmt: skip
+            "hf_act_bytes": hf["bytes"], "lengths_agree": agree, "stored_rows_of_every_copy": stored_share}  # fmt: skip
 
 
 def lengths_agree(run: Path, hf_lengths: dict) -> str:
@@ -489,7 +517,7 @@ def rss_workload(args, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="answers", choices=["answers", "prompts", "prefill-only", "rss"])
+    ap.add_argument("--workload", default="answers", choices=["answers", "prompts", "samples", "prefill-only", "rss"])
     ap.add_argument("--model", default=REAL, help="Hugging Face Qwen2 folder (both sides load it)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--tasks", type=int, default=None, help="tasks (default 48 answers, 16 prompts, 2 with --quick)")
@@ -510,7 +538,9 @@ def main() -> None:
     me = [sys.executable, str(Path(__file__).resolve()), "--side", "spawner"]
     SPAWNER.append(subprocess.Popen(me, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
     if args.tasks is None:
-        args.tasks = 2 if args.quick else {"answers": 48, "prompts": 16, "prefill-only": 48}.get(args.workload)
+        args.tasks = (
+            2 if args.quick else {"answers": 48, "prompts": 16, "samples": 16, "prefill-only": 48}.get(args.workload)
+        )
     folder = Path(args.model).expanduser()
     if not (args.quick or args.workload == "rss" or (folder / "config.json").is_file()):
         fail(f"model folder {folder} is missing or has no config.json; run ../shared/tools/real-qwen-checkpoint")
