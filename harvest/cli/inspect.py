@@ -36,9 +36,10 @@ def verify_command(args) -> int:
         return 1
     for line in repair_run(report):
         print(f"  repair: {line}")
-    left = [f for f in report.findings if f.kind == "run.json"]
+    left = report.unrepairable()  # findings that moving files cannot fix, one line of advice per kind
+    for advice in left:
+        print(f"  {advice}")
     if left:
-        print("  run.json cannot be repaired from the shards: restore it from a copy")
         return 1
     print("  repaired: run the same harvest command again to regenerate the quarantined sequences")
     return 0

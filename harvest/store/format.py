@@ -30,7 +30,8 @@ from harvest.store.location import TMP_MARK, URL, as_root
 from harvest.store.objectstore import files_for
 
 FORMAT_NAME = "harvest-activations"
-FORMAT_VERSION = 2  # 2: per-chunk crc32c, every chunk written, a file manifest in each commit record
+FORMAT_VERSION = 3  # 2: per-chunk crc32c, every chunk written, a file manifest in each commit record
+# 3: shared prompt prefixes: a sequence may store only the prompt rows past a prefix another sequence holds
 
 CODECS = ("blosc-zstd", "zstd", "none")
 STORAGE_DTYPES = ("bfloat16", "float16", "float32")
@@ -67,6 +68,10 @@ SEQUENCE_COLUMNS = {
     "augmentation": "str",  # JSON
     "sample_index": "int",
     "prompt_length": "int",
+    # Shared prompts (version 3): this sequence's first `shared_prompt_length` prompt rows are the first
+    # rows of sequence `prompt_sequence_id`'s prompt and are stored there, not here (-1 and 0: none).
+    "prompt_sequence_id": "int",
+    "shared_prompt_length": "int",
     "generated_length": "int",
     "stop_reason": "str",  # one of STOP_REASONS
     "generated_text": "str",

@@ -3,7 +3,7 @@
     s = open_store("outputs/demo")
     s.hooks, s.num_tokens, s.num_sequences, s.metadata
     s.sequences                  # SequenceTable: dict of numpy columns (+ .to_pandas())
-    s.sequence(sequence_id)      # per-token columns + one [T, d] array per hook
+    s.sequence(sequence_id)      # per-token columns + one [T, d] array per hook, shared prompt rows included
     s.activations(hook)[a:b]     # lazy [N, d] view over all committed tokens, logical dtype
     s.tokens("phase")            # [N] per-token column across all shards (a copy)
     s.hook_dtype(hook)           # logical numpy dtype of a hook (bfloat16 included)
@@ -33,10 +33,20 @@ from typing import Any, TypeVar
 import numpy as np
 import zarr
 
-from harvest.store.format import FORMAT_VERSION, OFFSET_COLUMNS, SEQUENCE_COLUMNS, StoreLayout
+from harvest.store.format import FORMAT_VERSION, StoreLayout
 from harvest.store.integrity import check_files, is_metadata
 from harvest.store.location import URL
 from harvest.store.runfolder import NotARunError, StoreError, check_run_folder, read_commits, read_run_metadata
+from harvest.store.sequences import (
+    RowRange,
+    SequenceTable,
+    StoredRows,
+    check_prompt_positions,
+    join,
+    join_tables,
+    plan_rows,
+    stored_rows,
+)
 from harvest.store.shard import from_storage
 
 __all__ = ["StoreReader", "ActivationView", "SequenceTable", "ChunkRef", "ShardInfo", "NotARunError"]
@@ -63,18 +73,6 @@ class ShardInfo:
     offset: int  # global row of its first token
     sequence_ids: tuple[int, ...]
     files: dict | None  # relative path -> [size, crc32c] (format version 2); None for version 1
-
-
-class SequenceTable(dict):
-    """Per-sequence columns (name -> [S] numpy array), in global token order of the sequences."""
-
-    def to_pandas(self):
-        import pandas as pd
-
-        return pd.DataFrame({k: v for k, v in self.items()})
-
-    def __len__(self) -> int:  # the number of rows, like a DataFrame; the columns are .keys()
-        return len(next(iter(self.values()))) if super().__len__() else 0
 
 
 def _plain(col: np.ndarray) -> np.ndarray:
@@ -123,6 +121,7 @@ class StoreReader:
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._token_cache: dict[str, np.ndarray] = {}
         self._table_cache: list[dict[str, np.ndarray]] | None = None
+        self._table_rows: dict[int, dict[int, int]] = {}  # shard position -> sequence id -> its table row
         self._hook_dtypes: dict[str, np.dtype] = {}
         self._memo: dict[Hashable, Any] = {}
 
@@ -270,26 +269,7 @@ class StoreReader:
 
         token_offset is made global (a row index into activations()/tokens()).
         """
-        tables = self._tables()
-        names: list[str] = list(SEQUENCE_COLUMNS) + [c for c in OFFSET_COLUMNS]
-        for t in tables:
-            names += [c for c in t if c not in names]
-        out = SequenceTable()
-        for name in names:
-            parts = []
-            like = next((t[name] for t in tables if name in t), None)
-            if like is None:
-                continue
-            for sh, t in zip(self.shards, tables):
-                n = len(sh.sequence_ids)
-                col = t.get(name)
-                if col is None:
-                    col = np.full(n, _fill_for(like.dtype), dtype=like.dtype)
-                if name == "token_offset":
-                    col = col + sh.offset
-                parts.append(col)
-            out[name] = np.concatenate(parts) if parts else like[:0]
-        return out
+        return join_tables(self._tables(), [len(sh.sequence_ids) for sh in self.shards], self.shard_starts)
 
     def tokens(self, name: str) -> np.ndarray:
         """[N] per-token column (token_id, position, sequence, phase, segment, example, row, col,
@@ -317,22 +297,36 @@ class StoreReader:
         return ActivationView(self, hook, dtype)
 
     def sequence(self, sequence_id: int) -> dict[str, np.ndarray]:
-        """Per-token columns and one [T, d] array per hook for one sequence, in position order."""
-        k = self._shard_of_sequence.get(int(sequence_id))
-        if k is None:
+        """Per-token columns and one [T, d] array per hook for one whole sequence, in position order.
+        Shared prompt rows (format version 3) come from the donor sequences (harvest.store.sequences);
+        `sequence` is then this sequence's id on every row."""
+        sid = int(sequence_id)
+        if sid not in self._shard_of_sequence:
             raise KeyError(f"sequence {sequence_id} is not committed in {self.root}")
-        t = self._shard_table(k)
-        j = int(np.flatnonzero(t["sequence_id"] == int(sequence_id))[0])
-        a = int(t["token_offset"][j])
-        b = a + int(t["token_count"][j])
-        g = self.group(k)
-        out = {}
-        for name, arr in g.arrays():  # per-token columns
-            with self.reading(k, data_file(name)):
-                out[name] = arr[a:b]
+        ranges = plan_rows(sid, self._stored_rows, self.root)  # borrowed prompt rows first, then its own
+
+        def column(name: str, r: RowRange) -> np.ndarray:
+            arr = self.array(r.shard, name)
+            with self.reading(r.shard, data_file(name)):
+                return arr[r.start : r.stop]
+
+        out = {name: join([column(name, r) for r in ranges]) for name, _ in self.group(ranges[-1].shard).arrays()}
         for hook in self.hooks:
-            out[hook] = self.read_rows(hook, k, a, b)  # [T, d]
+            out[hook] = join([self.read_rows(hook, r.shard, r.start, r.stop) for r in ranges])  # [T, d]
+        if len(ranges) > 1:
+            out["sequence"][:] = sid  # the borrowed rows belong to this sequence too
+            check_prompt_positions(self.root, sid, out["position"], self._stored_rows(sid).prompt_length)
         return out
+
+    def _stored_rows(self, sid: int) -> StoredRows | None:
+        """Where sequence sid's rows sit and what prompt prefix it shares; None if it is not committed."""
+        k = self._shard_of_sequence.get(sid)
+        if k is None:
+            return None
+        table = self._shard_table(k)
+        if k not in self._table_rows:
+            self._table_rows[k] = {int(s): j for j, s in enumerate(table["sequence_id"])}
+        return stored_rows(table, k, self._table_rows[k][sid])
 
     def chunk_index(self, hook: str | None = None) -> list[ChunkRef]:
         """Row ranges aligned to the inner chunks of `hook` (default: the first hook)."""
@@ -357,10 +351,6 @@ def data_file(name: str) -> str:
     """The file holding array `name`'s data, relative to its shard: activations are one sharding
     object (c/0/0); the token and sequence columns are one chunk (c/0)."""
     return f"{name}/c/0/0" if name.startswith("acts/") else f"{name}/c/0"
-
-
-def _fill_for(dtype: np.dtype) -> Any:
-    return {"b": False, "i": -1, "u": 0, "f": np.nan}.get(dtype.kind, "")
 
 
 class ActivationView:

@@ -4,7 +4,10 @@ describing a run (`harvest info`).
 verify_run compares every commit record with its shard's files (present, sizes, whole-file crc32c),
 reports orphan shards, crash leftovers and a run.json that disagrees with the shards, and with
 deep=True decodes every chunk of every array (each chunk's own crc32c included) and checks the
-shapes and sequence ids against the commit record. repair_run moves each damaged shard and its
+shapes and sequence ids against the commit record. Format version 3 adds a check of the sequence
+tables: every sequence that shares a prompt prefix names a committed, earlier donor whose prompt is
+long enough (deep: and the stored prompt rows of every sequence in a chain start where its table
+says). repair_run moves each damaged shard and its
 commit record into RUN/quarantine/<time>/ (commit record first, so a crash mid-repair never leaves
 a visible damaged shard), then removes leftovers as a resume would: re-running the harvest then
 regenerates exactly the sequences of the quarantined shards.
@@ -15,8 +18,10 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import zarr
 
 from harvest.store.format import FORMAT_VERSION, PHASES, StoreLayout
@@ -38,11 +43,21 @@ __all__ = ["Finding", "VerifyReport", "verify_run", "repair_run", "run_info"]
 
 # Findings that make a shard untrustworthy: repair quarantines the shard and re-harvests it.
 SHARD_DAMAGE = ("damaged", "commit", "duplicate")
+# Findings that moving files cannot fix: --repair leaves them, and `harvest verify` prints what to do.
+NOT_REPAIRABLE = {
+    "run.json": "run.json cannot be repaired from the shards: restore it from a copy",
+    "unfinished": "the run is unfinished: run the same harvest command again to commit the missing sequences",
+    "shared-prompt": "shared prompts that disagree with their donors were written so (the shards match their "
+    "checksums): --repair leaves them, and reading those sequences raises StoreError",
+}
+_READS = 16  # concurrent sequence-table reads on an object store
 
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
-    kind: str  # "damaged" | "commit" | "duplicate" | "orphan" | "leftover" | "run.json"
+    kind: (
+        str  # "damaged" | "commit" | "duplicate" | "orphan" | "leftover" | "run.json" | "unfinished" | "shared-prompt"
+    )
     path: str  # relative to the run folder
     detail: str
     shard: int | None = None
@@ -67,6 +82,11 @@ class VerifyReport:
 
     def damaged_shards(self) -> list[int]:
         return sorted({f.shard for f in self.findings if f.kind in SHARD_DAMAGE and f.shard is not None})
+
+    def unrepairable(self) -> list[str]:
+        """What --repair leaves: one line of advice per kind of such finding (NOT_REPAIRABLE)."""
+        kinds = {f.kind for f in self.findings}
+        return [advice for kind, advice in NOT_REPAIRABLE.items() if kind in kinds]
 
 
 def _commit_records(layout: StoreLayout, report: VerifyReport) -> dict[int, dict]:
@@ -176,6 +196,115 @@ def _decode_shard(layout: StoreLayout, i: int, rec: dict, report: VerifyReport, 
             bad(data_file(a), f"cannot decode: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
 
 
+_SHARING_COLUMNS = (
+    "sequence_id",
+    "prompt_sequence_id",
+    "shared_prompt_length",
+    "prompt_length",
+    "token_offset",
+    "token_count",
+)
+
+
+def _read_sharing(layout: StoreLayout, rec: dict) -> dict[str, np.ndarray] | Exception:
+    """The columns of a shard's sequence table that shared prompts need (those it has), or the error."""
+    try:
+        group = zarr.open_group(layout.files.zarr_store(layout.root / rec["path"]), mode="r")
+        table = group["sequences"]
+        return {n: np.asarray(table[n][...]) for n in _SHARING_COLUMNS if n in table}
+    except Exception as e:
+        return e
+
+
+def _check_shared_prompts(
+    layout: StoreLayout, commits: dict[int, dict], healthy: set[int], report: VerifyReport, deep: bool
+) -> None:
+    """Format version 3: each sequence with shared_prompt_length P > 0 names a committed donor with a
+    smaller id, and P fits both prompts; deep: every sequence of a chain stores its prompt rows from
+    its own shared length on. Damaged shards are skipped (already reported)."""
+    tables: dict[int, dict[str, np.ndarray]] = {}
+
+    def read(shards: list[int]) -> None:
+        with ThreadPoolExecutor(_READS if layout.remote else 1) as pool:
+            for i, t in zip(shards, pool.map(lambda i: _read_sharing(layout, commits[i]), shards)):
+                if isinstance(t, Exception):
+                    detail = f"cannot read: {type(t).__name__}: {(str(t).splitlines() or [''])[0]}"
+                    report.findings.append(Finding("damaged", f"{commits[i]['path']}/sequences", detail, i))
+                elif {"sequence_id", "token_offset", "token_count"} <= t.keys():
+                    tables[i] = t
+
+    read(sorted(i for i in healthy if commits[i].get("format_version", 1) >= 3))  # older ones share nothing
+    followers = [
+        (i, j)
+        for i, t in tables.items()
+        if "shared_prompt_length" in t
+        for j in np.flatnonzero(t["shared_prompt_length"] > 0)
+    ]
+
+    def value(i: int, j: int, name: str) -> int:  # -1 where a shard lacks the column
+        return int(tables[i][name][j]) if name in tables[i] else -1
+
+    shard_of = {sid: i for i, rec in commits.items() for sid in rec["sequence_ids"]}  # every committed sequence
+    donors = {value(i, j, "prompt_sequence_id") for i, j in followers}
+    read(sorted({shard_of[d] for d in donors if shard_of.get(d) in healthy} - tables.keys()))  # a resumed v2 run
+    where = {int(sid): (i, j) for i, t in tables.items() for j, sid in enumerate(t["sequence_id"])}
+    missing: dict[int, list[str]] = {}  # follower shard -> what it misses
+    for i, j in followers:
+        sid, shared, donor = (value(i, j, c) for c in ("sequence_id", "shared_prompt_length", "prompt_sequence_id"))
+        prompt, shares = value(i, j, "prompt_length"), f"sequence {sid} shares its first {shared} prompt rows"
+        if not 0 <= donor < sid:
+            problem = f"{shares} with sequence {donor}: a donor is an earlier sequence"
+        elif shared > prompt:
+            problem = f"{shares}, but its prompt has {prompt}"
+        elif donor not in shard_of:
+            missing.setdefault(i, []).append(f"{shares} with sequence {donor}, which is not committed")
+            continue
+        elif donor in where and shared > value(*where[donor], "prompt_length"):
+            problem = f"{shares} with sequence {donor}, whose prompt has {value(*where[donor], 'prompt_length')}"
+        else:
+            continue
+        report.findings.append(Finding("shared-prompt", f"{commits[i]['path']}/sequences", problem, i))
+    for i, lines in missing.items():
+        more = f" (and {len(lines) - 1} more of its sequences)" if len(lines) > 1 else ""
+        detail = f"{lines[0]}{more}: the run is unfinished; run the same harvest command again"
+        report.findings.append(Finding("unfinished", commits[i]["path"], detail, i))
+    if deep:
+        chains = {(i, int(j)) for i, j in followers} | {where[d] for d in donors if d in where}
+        _check_prompt_rows(layout, commits, tables, chains, report)
+
+
+def _check_prompt_rows(
+    layout: StoreLayout, commits: dict[int, dict], tables: dict, chains: set[tuple[int, int]], report: VerifyReport
+) -> None:
+    """Each (shard, table row) of a sharing chain stores prompt positions [shared, prompt_length) first:
+    exactly the rows a reader takes from it."""
+    for i in sorted({i for i, _ in chains}):
+        t, name = tables[i], commits[i]["path"]
+        try:
+            group = zarr.open_group(layout.files.zarr_store(layout.root / name), mode="r")
+            position = group["position"][...]  # [n]
+        except Exception as e:
+            detail = f"cannot decode: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+            report.findings.append(Finding("damaged", f"{name}/{data_file('position')}", detail, i))
+            continue
+        for j in sorted(j for k, j in chains if k == i):
+            prompt = int(t["prompt_length"][j]) if "prompt_length" in t else -1
+            start = max(int(t["shared_prompt_length"][j]) if "shared_prompt_length" in t else 0, 0)
+            if prompt < start:
+                continue  # the table check reported it
+            offset, count = int(t["token_offset"][j]), int(t["token_count"][j])
+            rows = position[offset : offset + min(count, max(prompt - start, 1))]  # its prompt rows (or first row)
+            if count >= prompt - start and np.array_equal(rows, np.arange(start, start + len(rows))):
+                continue
+            want = f"its prompt positions {start}..{prompt - 1}" if prompt > start else f"position {start}"
+            found = f"its first stored row is position {int(rows[0])}" if len(rows) else "it stores no rows"
+            detail = (
+                f"sequence {int(t['sequence_id'][j])} shares {start} prompt rows, so it should store {want} first; "
+                f"{found}, {count} rows in all"
+            )
+            report.findings.append(Finding("shared-prompt", f"{name}/{data_file('position')}", detail, i))
+
+
 def verify_run(root, deep: bool = False, progress: Callable | None = None) -> VerifyReport:
     """Check a run folder; progress(iterable, total) may wrap the shard loop (e.g. tqdm)."""
     layout = StoreLayout(root)
@@ -195,6 +324,8 @@ def verify_run(root, deep: bool = False, progress: Callable | None = None) -> Ve
         fetched: dict | None = {} if deep else None  # one shard's files at a time
         if _check_shard(layout, i, rec, report, fetched) and deep:
             _decode_shard(layout, i, rec, report, fetched)
+    healthy = set(commits) - {f.shard for f in report.findings}
+    _check_shared_prompts(layout, commits, healthy, report, deep)
     for p in find_leftovers(layout, set(commits) | {f.shard for f in report.findings if f.kind == "commit"}):
         kind = "orphan" if StoreLayout.shard_index(p.name) is not None else "leftover"
         detail = "shard without a commit record" if kind == "orphan" else "temporary file of an interrupted write"

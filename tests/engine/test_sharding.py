@@ -3,7 +3,8 @@
 XLA_FLAGS must be set before JAX starts, so the meshes run in a subprocess. A tiny model with 8 query and
 4 KV heads runs on data=8, data=4 x model=2 and data=2 x model=4 (KV heads split over `model`); a model
 with 2 KV heads runs on data=2 x model=4 (KV heads replicated). Rows stop at different steps (EOS is
-the most frequent token), so slots are refilled and the tail pool runs.
+the most frequent token), so slots are refilled and the tail pool runs. Two prompts share a prefix with
+another, so a slot's cache is copied into another's across the mesh.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from harvest.engine.params import init_params
 from harvest.engine.sharding import make_mesh
 
 assert jax.device_count() == 8, jax.devices()
-ENGINE = {"prefill_chunk", "decode_segment", "compact", "read_slot"}
+ENGINE = {"prefill_chunk", "fork", "decode_segment", "compact", "read_slot"}
 compiled = []  # names of the XLA programs compiled, from JAX's own compile log
 
 
@@ -55,6 +56,8 @@ for kv in (4, 2):
     hooks = parse_hooks(["blocks.1.hook_resid_post", "blocks.0.mlp.hook_post", "blocks.1.attn.hook_z"], cfg)
     rng = np.random.default_rng(kv)
     prompts = [rng.integers(0, 512, n).astype(np.int32) for n in (37, 300, 129, 5, 200, 64)]
+    # shared prefixes: a copy of a prompt (its whole cache copied) and one sharing two chunks of it
+    prompts += [prompts[1].copy(), np.concatenate([prompts[1][:150], rng.integers(0, 512, 40).astype(np.int32)])]
     ids = list(range(len(prompts)))
     g = GenerateConfig(batch_size=8, decode_slots=16, prefill_chunk=64, max_prompt_len=320, max_new_tokens=12,
                        tail_slots=8, segment_steps=4, prefill_hooks=hooks, decode_hooks=hooks)
@@ -83,6 +86,7 @@ for kv in (4, 2):
             "recompiles": CompileCounter.count - before,
             "programs": programs,  # compiled variants of each engine program in the first stream
             "tail_steps": gen.timings["tail_steps"],
+            "shared_prompt_tokens": gen.timings["shared_prompt_tokens"],
             "k_w": spec(gen.params["layers"][0]["k_w"]),
             "q_w": spec(gen.params["layers"][0]["q_w"]),
             "cache": spec(full_pool._state.cache[0][0]),
@@ -121,11 +125,13 @@ def test_mesh_run_equals_one_device(mesh_runs, name):
     assert got["programs"] == one["programs"]  # no program compiled again for another layout
     assert one["programs"]["prefill_chunk"] == 1 and set(one["programs"]) == {
         "prefill_chunk",
+        "fork",
         "decode_segment",
         "compact",
         "read_slot",
     }
     assert got["tail_steps"] > 0
+    assert got["shared_prompt_tokens"] == one["shared_prompt_tokens"] == 300 + 128
 
 
 def test_weights_and_cache_split_by_their_heads(mesh_runs):
