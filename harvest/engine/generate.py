@@ -210,8 +210,8 @@ class Generator:
             if not queue and not lanes.busy and not lanes.pending and len(live) <= self.tail_pool < len(occupant):
                 state, occupant, live = self._shrink(state, occupant, live)
                 n_slots = len(occupant)
-            # Stop decoding as soon as enough rows finish to fill the idle prefill lanes with waiting prompts.
-            need = min(lanes.idle, len(queue)) if queue else n_slots + 1
+            # Stop decoding as soon as enough rows finish to give the prefill lanes a full call of prompts.
+            need = min(lanes.shortfall, len(queue)) if queue else n_slots + 1
             t0 = time.perf_counter()
             with self._on_mesh():
                 state, steps = decode_segment(
@@ -348,7 +348,9 @@ class Generator:
     ) -> tuple[SlotState, list[InFlight]]:
         """Run prefill calls while every lane has a chunk to do: a lane whose prompt is done takes the next
         waiting one, and a half-prefilled prompt keeps its lane until the next round. Part-empty calls run
-        only when no more prompts will come, or when nothing is decoding (else nothing could progress).
+        only when no more prompts will come, when nothing is decoding (else nothing could progress), or when
+        the prompts they carry also hold back enough others (pending copies of their prefixes) to count
+        as a full call: 8 samples of one prompt wait on one lane.
         Returns the state and the prompts that finished prefill (now decoding)."""
         g, c = self.gcfg, self.gcfg.prefill_chunk
         t0 = time.perf_counter()
@@ -357,7 +359,7 @@ class Generator:
             state, forked = self._fork(state, lanes)
             started += forked
             lanes.refill()
-            if lanes.busy == 0 or (lanes.idle and more_coming and (decoding or started)):
+            if lanes.busy == 0 or (lanes.shortfall and more_coming and (decoding or started)):
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
             slot = np.full(g.batch_size, g.pool_slots, np.int32)
             tokens = np.zeros((g.batch_size, c), np.int32)

@@ -99,5 +99,11 @@ class Lanes:
     def idle(self) -> int:
         return self.size - self.busy
 
+    @property
+    def shortfall(self) -> int:
+        """Prompts a prefill call lacks to be worth its cost: it moves the prompts in the lanes and
+        waiting for one forward, and with them the pending prompts that copy their prefixes."""
+        return max(0, self.size - self.busy - len(self.waiting) - len(self.pending))
+
     def refill(self) -> None:
         self.seqs = [s if s is not None else (self.waiting.popleft() if self.waiting else None) for s in self.seqs]

@@ -131,7 +131,8 @@ def test_mesh_run_equals_one_device(mesh_runs, name):
         "read_slot",
     }
     assert got["tail_steps"] > 0
-    assert got["shared_prompt_tokens"] == one["shared_prompt_tokens"] == 300 + 128
+    # both streams: the copy (300) and two chunks (128), then their halves: 151 and one chunk (64)
+    assert got["shared_prompt_tokens"] == one["shared_prompt_tokens"] == 300 + 128 + 151 + 64
 
 
 def test_weights_and_cache_split_by_their_heads(mesh_runs):
