@@ -96,10 +96,6 @@ class Lanes:
         return sum(s is not None for s in self.seqs)
 
     @property
-    def idle(self) -> int:
-        return self.size - self.busy
-
-    @property
     def shortfall(self) -> int:
         """Prompts a prefill call lacks to be worth its cost: it moves the prompts in the lanes and
         waiting for one forward, and with them the pending prompts that copy their prefixes."""
