@@ -265,10 +265,9 @@ def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: Proce
 
     max_new, group = cfg.generation.max_new_tokens, share_groups(work)
     costs = {}  # a group of shared prompts goes to one process, which can then share their prefill
-    for s in work.sequences:
-        copied = work.shared.get(s.sequence_id, (0, 0))[1]
-        costs[group[s.sequence_id]] = costs.get(group[s.sequence_id], 0) + len(work.prompts[s.sequence_id]) - copied
-        costs[group[s.sequence_id]] += max_new
+    for sid, g in group.items():
+        prefilled = len(work.prompts[sid]) - work.shared.get(sid, (0, 0))[1]
+        costs[g] = costs.get(g, 0) + prefilled + max_new
     mine_groups = distributed.take_share(costs, share)
     mine = {sid for sid, g in group.items() if g in mine_groups}
     todo = [
