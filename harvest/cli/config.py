@@ -164,6 +164,7 @@ class RuntimeSection:
     decode_slots: int = 32  # sequences decoding at once (continuous batching)
     prefill_chunk: int = 128  # prompt tokens per prompt per prefill call
     tail_slots: int | None = None  # pool size for the last few live rows; null: decode_slots // 4; 0: off
+    narrow_lanes: int | None = None  # prefill call width when few prompts prefill; null: batch_size // 4; 0: off
     queue: int = 8  # finished sequences waiting for the writer (bounds host RAM)
     writer_threads: int | None = None  # threads compressing a shard's chunks; null: the usable cores, at most 8
     max_capture_gb: float = 8.0  # refuse settings whose capture buffers would exceed this
@@ -234,6 +235,7 @@ class RunConfig:
                 decode_slots=r.decode_slots,
                 prefill_chunk=r.prefill_chunk,
                 tail_slots=r.tail_slots,
+                narrow_lanes=r.narrow_lanes,
                 max_prompt_len=longest_prompt,
                 max_new_tokens=g.max_new_tokens,
                 sampling=g.to_sampling_config(),

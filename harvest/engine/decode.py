@@ -67,13 +67,15 @@ def decode_step(
 
     cache_len = s.cache[0][0].shape[2]
     col = jnp.where(live, s.length, cache_len)  # [N]; dead slots write out of range (dropped)
-    valid = jnp.arange(cache_len)[None, :] <= s.length[:, None]  # [N, S_max]: the prompt, earlier tokens, tok
+    # a row attends to columns [0, length]: the prompt, earlier tokens, tok. On a CPU only the blocks up to
+    # the longest live row are read (model.cached_attention); elsewhere one pass over the cache is faster.
+    span = jnp.max(jnp.where(live, s.length, 0)) if jax.default_backend() == "cpu" else None
 
     def attend(i, q, k, v):
         kc, vc = s.cache[i]
         kc = kc.at[rows, :, col].set(k[:, 0], mode="drop")  # update [N, K, Dh]
         vc = vc.at[rows, :, col].set(v[:, 0], mode="drop")
-        return model.cached_attention(q, kc, vc, valid), (kc, vc)
+        return model.cached_attention(q, kc, vc, s.length, span), (kc, vc)
 
     x = model.embed(params, tok[:, None])  # [N, 1, D]
     x, cache, acts = model.unrolled_layers(

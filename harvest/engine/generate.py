@@ -34,6 +34,7 @@ from jax.sharding import Mesh
 from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
 from harvest.engine.hooks import Edit, Hook, layers_needed
+from harvest.engine.model import DECODE_BLOCK
 from harvest.engine.prefill import fork, prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.sharding import Placement
@@ -48,6 +49,8 @@ class GenerateConfig:
     batch_size: int = 8  # prompts per prefill call (lanes)
     decode_slots: int = 32  # sequences decoding at once; decode is bandwidth-bound, so more is cheap
     prefill_chunk: int = 128  # prompt tokens per lane per prefill call: padding < one chunk per prompt
+    narrow_lanes: int | None = None  # when few lanes are busy, prefill calls this wide (one more compiled
+    # prefill program; a call's cost grows with its lanes, busy or not); None: batch_size // 4; 0: never
     max_prompt_len: int = 1024  # cache room for a prompt; longer prompts are refused
     max_new_tokens: int = 64  # 0: prefill only (no decode, no LM head, layers up to the deepest hook)
     sampling: SamplingConfig = SamplingConfig()
@@ -74,6 +77,10 @@ class GenerateConfig:
             raise FieldError(
                 "tail_slots", f"{self.tail_slots} is impossible; it must be in [0, decode_slots={self.decode_slots})"
             )
+        if self.narrow_lanes is not None and not 0 <= self.narrow_lanes < self.batch_size:
+            raise FieldError(
+                "narrow_lanes", f"{self.narrow_lanes} is impossible; it must be in [0, batch_size={self.batch_size})"
+            )
         if self.decode_slots < self.batch_size:
             raise FieldError(
                 "decode_slots", f"{self.decode_slots} is below batch_size={self.batch_size}; it must be >= batch_size"
@@ -99,10 +106,15 @@ class GenerateConfig:
         return self.decode_slots // 4 if self.tail_slots is None else self.tail_slots
 
     @property
+    def narrow_width(self) -> int:
+        return self.batch_size // 4 if self.narrow_lanes is None else self.narrow_lanes
+
+    @property
     def cache_len(self) -> int:
-        """Columns per slot: the prompt room rounded up to whole chunks, then the answer."""
-        c = self.prefill_chunk
-        return -(-self.max_prompt_len // c) * c + self.max_new_tokens
+        """Columns per slot: the prompt room rounded up to whole chunks, then the answer, rounded up to
+        whole blocks of the bounded decode attention (model.DECODE_BLOCK)."""
+        c, b = self.prefill_chunk, DECODE_BLOCK
+        return -(-(-(-self.max_prompt_len // c) * c + self.max_new_tokens) // b) * b
 
 
 @dataclasses.dataclass
@@ -155,6 +167,7 @@ class Generator:
             params = {**params, "layers": tuple(params["layers"][:depth])}
         self.placement = Placement(cfg, mesh) if mesh is not None else None
         self.tail_pool = gcfg.tail_pool
+        self.narrow = gcfg.narrow_width
         if self.placement is not None:
             self.placement.check_rows("batch_size", gcfg.batch_size)
             self.placement.check_rows("decode_slots", gcfg.pool_slots)
@@ -162,6 +175,10 @@ class Generator:
                 self.tail_pool -= self.tail_pool % self.placement.data
             elif gcfg.tail_slots:
                 self.placement.check_rows("tail_slots", gcfg.tail_slots)
+            if gcfg.narrow_lanes is None:  # likewise the default narrow call
+                self.narrow -= self.narrow % self.placement.data
+            elif gcfg.narrow_lanes:
+                self.placement.check_rows("narrow_lanes", gcfg.narrow_lanes)
             params = self.placement.put_params(params)
             edit_params = None if edit_params is None else self.placement.replicated(edit_params)
         self.cfg, self.params, self.gcfg, self.edit_params = cfg, params, gcfg, edit_params
@@ -173,6 +190,7 @@ class Generator:
         self.timings = {
             "prefill_seconds": 0.0,
             "prefill_calls": 0,
+            "narrow_prefill_calls": 0,  # calls `narrow_lanes` wide
             "decode_seconds": 0.0,
             "decode_steps": 0,
             "tail_steps": 0,  # decode steps in the small tail pool
@@ -343,6 +361,49 @@ class Generator:
         """The mesh as the programs' context: they pin their outputs to it (sharding.constrain_state)."""
         return contextlib.nullcontext() if self.placement is None else jax.set_mesh(self.placement.mesh)
 
+    def _call_rows(self, lanes: Lanes) -> list[list[int]]:
+        """The lanes of each prefill call of this round: every lane in one call, or when few are busy, the
+        busy ones in calls `narrow` wide (as long as they add up to at most half the full width; short
+        lists are padded with idle rows). Lanes keep their prompts either way."""
+        busy = [r for r, seq in enumerate(lanes.seqs) if seq is not None]
+        w = self.narrow
+        if w and -(-len(busy) // w) * w <= lanes.size // 2:
+            return [busy[i : i + w] for i in range(0, len(busy), w)]
+        return [list(range(lanes.size))]
+
+    def _prefill_call(self, state: SlotState, seqs: list, calls: list) -> tuple[SlotState, list[InFlight]]:
+        """One prefill call: lane r carries seqs[r]'s next chunk (None: idle; rows past the list too).
+        Appends the call's activations to `calls`; returns the state and the prompts whose last chunk it ran."""
+        g, c = self.gcfg, self.gcfg.prefill_chunk
+        width = g.batch_size if len(seqs) > self.narrow else self.narrow
+        slot = np.full(width, g.pool_slots, np.int32)
+        tokens = np.zeros((width, c), np.int32)
+        start = np.zeros(width, np.int32)
+        n_valid = np.zeros(width, np.int32)
+        ids = np.zeros(width, np.uint32)
+        last = np.zeros(width, bool)
+        for r, seq in enumerate(seqs):
+            if seq is None:
+                continue
+            begin = seq.next_chunk * c
+            piece = seq.prompt[begin : begin + c]
+            slot[r], start[r], n_valid[r], ids[r] = seq.slot, begin, len(piece), seq.sequence_id
+            tokens[r, : len(piece)] = piece
+            seq.pieces.append((len(calls), r, len(piece)))
+            seq.next_chunk += 1
+            last[r] = begin + c >= len(seq.prompt)
+        chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
+        if self.placement is not None:
+            chunk = self.placement.put_chunk(chunk)
+        with self._on_mesh():
+            state, acts = prefill_chunk(
+                self.cfg, g.prefill_hooks, self.params, state, chunk, not g.prefill_only, g.edit, self.edit_params
+            )
+        calls.append(acts)
+        self.timings["prefill_calls"] += 1
+        self.timings["narrow_prefill_calls"] += width < g.batch_size
+        return state, [seq for seq, done in zip(seqs, last) if done]
+
     def _prefill(
         self, state: SlotState, lanes: Lanes, more_coming: bool, decoding: bool
     ) -> tuple[SlotState, list[InFlight]]:
@@ -352,7 +413,6 @@ class Generator:
         the prompts they carry also hold back enough others (pending copies of their prefixes) to count
         as a full call: 8 samples of one prompt wait on one lane.
         Returns the state and the prompts that finished prefill (now decoding)."""
-        g, c = self.gcfg, self.gcfg.prefill_chunk
         t0 = time.perf_counter()
         calls, started = [], []
         while True:
@@ -361,38 +421,15 @@ class Generator:
             lanes.refill()
             if lanes.busy == 0 or (lanes.shortfall and more_coming and (decoding or started)):
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
-            slot = np.full(g.batch_size, g.pool_slots, np.int32)
-            tokens = np.zeros((g.batch_size, c), np.int32)
-            start = np.zeros(g.batch_size, np.int32)
-            n_valid = np.zeros(g.batch_size, np.int32)
-            ids = np.zeros(g.batch_size, np.uint32)
-            last = np.zeros(g.batch_size, bool)
-            for r, seq in enumerate(lanes.seqs):
-                if seq is None:
-                    continue
-                begin = seq.next_chunk * c
-                piece = seq.prompt[begin : begin + c]
-                slot[r], start[r], n_valid[r], ids[r] = seq.slot, begin, len(piece), seq.sequence_id
-                tokens[r, : len(piece)] = piece
-                seq.pieces.append((len(calls), r, len(piece)))
-                seq.next_chunk += 1
-                last[r] = begin + c >= len(seq.prompt)
-            chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
-            if self.placement is not None:
-                chunk = self.placement.put_chunk(chunk)
-            with self._on_mesh():
-                state, acts = prefill_chunk(
-                    self.cfg, g.prefill_hooks, self.params, state, chunk, not g.prefill_only, g.edit, self.edit_params
-                )
-            calls.append(acts)
-            self.timings["prefill_calls"] += 1
-            started += [seq for seq, done in zip(lanes.seqs, last) if done]
-            lanes.seqs = [None if done else seq for seq, done in zip(lanes.seqs, last)]
+            for rows in self._call_rows(lanes):
+                state, finished = self._prefill_call(state, [lanes.seqs[r] for r in rows], calls)
+                started += finished
+            lanes.seqs = [None if seq in started else seq for seq in lanes.seqs]
         if calls:  # move this round's activations to the host, one transfer per call
             host = jax.device_get(calls)
             for seq in [*started, *(s for s in lanes.seqs if s is not None)]:
                 for i, r, n in seq.pieces:
-                    for h in g.prefill_hooks:
+                    for h in self.gcfg.prefill_hooks:
                         seq.prefill_acts.setdefault(h.name, []).append(np.array(host[i][h.name][r, :n]))
                 seq.pieces = []
             self.timings["prefill_seconds"] += time.perf_counter() - t0

@@ -70,6 +70,8 @@ def test_pool_size_and_admission_order_never_change_a_sequence(loaded_tiny):
     pools = (
         gen(lm, **kw),
         gen(lm, batch_size=3, decode_slots=4, prefill_chunk=32, tail_slots=2, segment_steps=4, **kw),
+        # 8 lanes: full calls while most prompts prefill, then 2-lane calls once at most 4 are left
+        gen(lm, batch_size=8, decode_slots=8, prefill_chunk=32, narrow_lanes=2, segment_steps=4, **kw),
     )
     for pool in pools:
         for order in (ids, ids[::-1]):
@@ -83,6 +85,7 @@ def test_pool_size_and_admission_order_never_change_a_sequence(loaded_tiny):
                     np.testing.assert_allclose(done.prefill_acts[h.name], want.prefill_acts[h.name], atol=1e-5, rtol=0)
                     np.testing.assert_allclose(done.decode_acts[h.name], want.decode_acts[h.name], atol=1e-5, rtol=0)
     assert pools[1].timings["tail_steps"] > 0  # the last rows finished in the small pool
+    assert 0 < pools[2].timings["narrow_prefill_calls"] < pools[2].timings["prefill_calls"]
 
 
 def test_reused_slot_never_sees_the_previous_occupant(loaded_tiny):
@@ -201,6 +204,8 @@ def test_rejects_bad_prompts_and_configs(loaded_tiny):
         GenerateConfig(batch_size=8, decode_slots=4)
     with pytest.raises(FieldError, match=r"tail_slots: 4 is impossible; it must be in \[0, decode_slots=4\)"):
         GenerateConfig(batch_size=2, decode_slots=4, tail_slots=4)
+    with pytest.raises(FieldError, match=r"narrow_lanes: 8 is impossible; it must be in \[0, batch_size=8\)"):
+        GenerateConfig(batch_size=8, narrow_lanes=8)
 
 
 def test_prefill_only_stops_at_the_deepest_hook_and_equals_a_full_run(loaded_tiny):

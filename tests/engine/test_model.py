@@ -9,6 +9,7 @@ import pytest
 
 from harvest.engine.generate import GenerateConfig, Generator
 from harvest.engine.hooks import HookError, parse_hooks
+from harvest.engine.model import DECODE_BLOCK, cached_attention
 from harvest.engine.model import logits as lm_logits
 from harvest.engine.prefill import forward
 from helpers.models import hf_forward, random_ids
@@ -184,3 +185,34 @@ def test_ln_final_refuses_a_truncated_model(loaded_tiny):
     params = {**lm.params, "layers": lm.params["layers"][:1]}
     with pytest.raises(HookError, match="ln_final.hook_normalized"):
         forward(cfg, params, jnp.zeros((1, 8), jnp.int32), hooks=hooks)
+
+
+def test_bounded_decode_attention_equals_one_pass():
+    """Reading only the blocks up to `span` gives the one-pass result for every row whose length is
+    within span, across block edges, in float32 and bfloat16; the single pass also serves a cache that
+    is not a whole number of blocks."""
+    rng = np.random.default_rng(0)
+    b, kh, g, dh, blocks = 6, 2, 3, 16, 4
+    s_max = blocks * DECODE_BLOCK
+    q = rng.normal(size=(b, 1, kh * g, dh)).astype(np.float32)
+    k = rng.normal(size=(b, kh, s_max, dh)).astype(np.float32) * 3
+    v = rng.normal(size=(b, kh, s_max, dh)).astype(np.float32)
+    length = np.array([0, 1, DECODE_BLOCK - 1, DECODE_BLOCK, 2 * DECODE_BLOCK + 5, s_max - 1], np.int32)
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        qq, kk, vv = (jnp.asarray(a, dtype) for a in (q, k, v))
+        full = np.asarray(cached_attention(qq, kk, vv, length), np.float32)
+        for span in (int(length.max()), s_max - 1):
+            got = np.asarray(cached_attention(qq, kk, vv, length, jnp.int32(span)), np.float32)
+            np.testing.assert_allclose(got, full, atol=tol, rtol=0)
+        # span below some rows: the rows within it are still exact (the others are dead slots: ignored)
+        got = np.asarray(cached_attention(qq, kk, vv, length, jnp.int32(DECODE_BLOCK)), np.float32)
+        np.testing.assert_allclose(got[:4], full[:4], atol=tol, rtol=0)
+        # a masked column never counts: poison everything past each row's length
+        past = np.arange(s_max)[None, None, :, None] > length[:, None, None, None]
+        kp, vp = (jnp.asarray(np.where(past, 1e4, a), dtype) for a in (k, v))
+        got = np.asarray(cached_attention(qq, kp, vp, length, jnp.int32(s_max - 1)), np.float32)
+        np.testing.assert_allclose(got, full, atol=tol, rtol=0)
+    odd = s_max - 7  # not a whole number of blocks: one pass, whatever the span
+    want = cached_attention(q, k[:, :, :odd], v[:, :, :odd], np.minimum(length, odd - 1))
+    got = cached_attention(q, k[:, :, :odd], v[:, :, :odd], np.minimum(length, odd - 1), jnp.int32(odd - 1))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
