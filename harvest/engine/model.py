@@ -58,6 +58,26 @@ def rope(x, positions, theta):
     return (xf * cos + rotated * sin).astype(x.dtype)
 
 
+def _scores(q, keys):
+    """q [B, K, Q, Dh] . keys [B, K, S, Dh] -> [B, K, Q, S] in float32 (unscaled)."""
+    return jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=F32)
+
+
+def _weighted(p, vals):
+    """Weights p [B, K, Q, S] times values [B, K, S, Dh] -> [B, K, Q, Dh] in float32."""
+    return jnp.einsum("bkqs,bksd->bkqd", p.astype(vals.dtype), vals, preferred_element_type=F32)
+
+
+def _fold(carry, s, vals):
+    """Flash-style: fold one block of scores s [B, K, Q, n] and its values [B, K, n, Dh] into the running
+    (max [B, K, Q], sum of weights [B, K, Q], weighted values [B, K, Q, Dh])."""
+    m, denom, acc = carry
+    m_new = jnp.maximum(m, s.max(-1))
+    p = jnp.exp(s - m_new[..., None])
+    corr = jnp.exp(m - m_new)
+    return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + _weighted(p, vals)
+
+
 def chunk_attention(q, k, v, prior_k, prior_v, start, block: int):
     """A prompt chunk attends to its row's earlier chunks (in the cache) and causally to itself.
 
@@ -76,26 +96,17 @@ def chunk_attention(q, k, v, prior_k, prior_v, start, block: int):
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [R, K, C, Dh]
 
     def scores(keys, ok):  # keys [R, K, C, Dh], ok broadcastable to [R, K, G*C, C]
-        s = jnp.einsum("bkqd,bksd->bkqs", q, keys, preferred_element_type=F32) * scale
-        return jnp.where(ok, s, NEG_INF)
-
-    def values(p, vals):
-        return jnp.einsum("bkqs,bksd->bkqd", p.astype(vals.dtype), vals, preferred_element_type=F32)
+        return jnp.where(ok, _scores(q, keys) * scale, NEG_INF)
 
     s = scores(k, jnp.tile(jnp.tril(jnp.ones((c, c), bool)), (g, 1)))  # [R, K, G*C, C]
     m = s.max(-1)
     p = jnp.exp(s - m[..., None])
-    init = (m, p.sum(-1), values(p, v))
+    init = (m, p.sum(-1), _weighted(p, v))
 
     def one_block(j, carry):
-        m, denom, acc = carry
         kb = jax.lax.dynamic_slice_in_dim(prior_k, j * block, block, axis=2)
         vb = jax.lax.dynamic_slice_in_dim(prior_v, j * block, block, axis=2)
-        s = scores(kb, (j * block < start)[:, None, None, None])
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        corr = jnp.exp(m - m_new)
-        return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + values(p, vb)
+        return _fold(carry, scores(kb, (j * block < start)[:, None, None, None]), vb)
 
     m, denom, acc = init if prior_k is None else jax.lax.fori_loop(0, jnp.max(start) // block, one_block, init)
     out = (acc / denom[..., None]).astype(v.dtype)  # [R, K, G*C, Dh]
@@ -119,27 +130,18 @@ def cached_attention(q, k_cache, v_cache, length, span=None):
     q = q.reshape(b, kh, h // kh, dh)  # [B, K, G, Dh]
 
     def scores(keys, first):  # keys [B, K, n, Dh] from column `first` -> [B, K, G, n], masked past `length`
-        s = jnp.einsum("bkgd,bksd->bkgs", q, keys, preferred_element_type=F32) * dh**-0.5
         ok = first + jnp.arange(keys.shape[2]) <= length[:, None]  # [B, n]
-        return jnp.where(ok[:, None, None, :], s, NEG_INF)
-
-    def values(p, vals):
-        return jnp.einsum("bkgs,bksd->bkgd", p.astype(vals.dtype), vals, preferred_element_type=F32)
+        return jnp.where(ok[:, None, None, :], _scores(q, keys) * dh**-0.5, NEG_INF)
 
     if span is None or k_cache.shape[2] % DECODE_BLOCK:
-        w = jax.nn.softmax(scores(k_cache, 0), axis=-1)
-        out = values(w, v_cache)
+        out = _weighted(jax.nn.softmax(scores(k_cache, 0), axis=-1), v_cache)
     else:
 
         def one_block(j, carry):
-            m, denom, acc = carry
             first = j * DECODE_BLOCK
-            s = scores(jax.lax.dynamic_slice_in_dim(k_cache, first, DECODE_BLOCK, axis=2), first)
-            m_new = jnp.maximum(m, s.max(-1))
-            p = jnp.exp(s - m_new[..., None])
-            corr = jnp.exp(m - m_new)
+            kb = jax.lax.dynamic_slice_in_dim(k_cache, first, DECODE_BLOCK, axis=2)
             vb = jax.lax.dynamic_slice_in_dim(v_cache, first, DECODE_BLOCK, axis=2)
-            return m_new, denom * corr + p.sum(-1), acc * corr[..., None] + values(p, vb)
+            return _fold(carry, scores(kb, first), vb)
 
         init = (jnp.full(q.shape[:3], NEG_INF, F32), jnp.zeros(q.shape[:3], F32), jnp.zeros(q.shape, F32))
         m, denom, acc = jax.lax.fori_loop(0, span // DECODE_BLOCK + 1, one_block, init)
