@@ -67,9 +67,9 @@ def decode_step(
 
     cache_len = s.cache[0][0].shape[2]
     col = jnp.where(live, s.length, cache_len)  # [N]; dead slots write out of range (dropped)
-    # a row attends to columns [0, length]: the prompt, earlier tokens, tok. On a CPU only the blocks up to
-    # the longest live row are read (model.cached_attention); elsewhere one pass over the cache is faster.
-    span = jnp.max(jnp.where(live, s.length, 0)) if jax.default_backend() == "cpu" else None
+    # a row attends to columns [0, length]: the prompt, earlier tokens, tok; on a CPU only the blocks up to
+    # the longest live row are read
+    span = jnp.max(jnp.where(live, s.length, 0)) if model.bounded_decode_attention() else None
 
     def attend(i, q, k, v):
         kc, vc = s.cache[i]

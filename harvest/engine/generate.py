@@ -7,11 +7,13 @@
 
 The pool has `decode_slots` slots. Each round: free slots take the next prompts in the given order; the
 prompts are prefilled into their slots by `batch_size` lanes, chunk by chunk (a call runs only with every
-lane busy while more prompts wait; a half-prefilled prompt keeps its lane for the next round); then one
+lane busy while more prompts wait; a half-prefilled prompt keeps its lane for the next round; when at most
+half the lanes are busy, their chunks go in calls `narrow_lanes` wide, which cost less); then one
 decode segment runs until enough rows finish to fill the idle lanes (or `segment_steps` steps), and
 finished slots are read and handed back. At the end, when no prompt waits and at most `tail_slots` rows
-are live, they move to a small pool. Shapes never depend on the prompts: a stream compiles one prefill
-and two decode programs (full pool, tail pool), whatever the prompt lengths.
+are live, they move to a small pool. Shapes never depend on the prompts: a stream compiles at most two
+prefill programs (full and narrow calls) and two decode programs (full pool, tail pool), whatever the
+prompt lengths.
 
 With max_new_tokens=0 (prefill only) nothing decodes: the pool is the `batch_size` lanes' own slots, the
 forward pass stops at the deepest hooked layer, no LM head runs, and a prompt is finished as soon as
@@ -34,7 +36,7 @@ from jax.sharding import Mesh
 from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
 from harvest.engine.hooks import Edit, Hook, layers_needed
-from harvest.engine.model import DECODE_BLOCK
+from harvest.engine.model import DECODE_BLOCK, bounded_decode_attention
 from harvest.engine.prefill import fork, prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.sharding import Placement
@@ -50,7 +52,8 @@ class GenerateConfig:
     decode_slots: int = 32  # sequences decoding at once; decode is bandwidth-bound, so more is cheap
     prefill_chunk: int = 128  # prompt tokens per lane per prefill call: padding < one chunk per prompt
     narrow_lanes: int | None = None  # when few lanes are busy, prefill calls this wide (one more compiled
-    # prefill program; a call's cost grows with its lanes, busy or not); None: batch_size // 4; 0: never
+    # prefill program; a call's cost grows with its lanes, busy or not); None: batch_size // 4 (on a mesh,
+    # rounded down to a multiple of `data`); 0: never
     max_prompt_len: int = 1024  # cache room for a prompt; longer prompts are refused
     max_new_tokens: int = 64  # 0: prefill only (no decode, no LM head, layers up to the deepest hook)
     sampling: SamplingConfig = SamplingConfig()
@@ -77,9 +80,10 @@ class GenerateConfig:
             raise FieldError(
                 "tail_slots", f"{self.tail_slots} is impossible; it must be in [0, decode_slots={self.decode_slots})"
             )
-        if self.narrow_lanes is not None and not 0 <= self.narrow_lanes < self.batch_size:
+        if self.narrow_lanes is not None and not 0 <= self.narrow_lanes <= self.batch_size // 2:
             raise FieldError(
-                "narrow_lanes", f"{self.narrow_lanes} is impossible; it must be in [0, batch_size={self.batch_size})"
+                "narrow_lanes",
+                f"{self.narrow_lanes} is impossible; it must be in [0, batch_size / 2 = {self.batch_size // 2}]",
             )
         if self.decode_slots < self.batch_size:
             raise FieldError(
@@ -111,10 +115,12 @@ class GenerateConfig:
 
     @property
     def cache_len(self) -> int:
-        """Columns per slot: the prompt room rounded up to whole chunks, then the answer, rounded up to
-        whole blocks of the bounded decode attention (model.DECODE_BLOCK)."""
-        c, b = self.prefill_chunk, DECODE_BLOCK
-        return -(-(-(-self.max_prompt_len // c) * c + self.max_new_tokens) // b) * b
+        """Columns per slot: the prompt room rounded up to whole chunks, then the answer; where decode
+        attention is bounded (a CPU), rounded up to whole blocks of it (model.DECODE_BLOCK)."""
+        c = self.prefill_chunk
+        n = -(-self.max_prompt_len // c) * c + self.max_new_tokens
+        b = DECODE_BLOCK if bounded_decode_attention() else 1
+        return -(-n // b) * b
 
 
 @dataclasses.dataclass

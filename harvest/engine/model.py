@@ -116,6 +116,12 @@ def chunk_attention(q, k, v, prior_k, prior_v, start, block: int):
 DECODE_BLOCK = 128  # cache columns per step of the bounded decode attention (the cache is a whole number of them)
 
 
+def bounded_decode_attention() -> bool:
+    """Whether decode reads only the cache blocks up to the longest live row (cached_attention's span):
+    on XLA:CPU; elsewhere one pass over the cache is faster."""
+    return jax.default_backend() == "cpu"
+
+
 def cached_attention(q, k_cache, v_cache, length, span=None):
     """One query per row against its cache columns [0, length].
 

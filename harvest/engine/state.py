@@ -6,7 +6,8 @@ straight into a free slot's cache; decode advances every live slot; the host rea
 slot's outputs and hands the slot to the next prompt. Nothing of a previous occupant is ever
 visible to the next one: attention only reads cache columns below the slot's own length.
 
-Cache layout, per layer and slot (S_max = the longest prompt rounded up to the prefill chunk, plus T):
+Cache layout, per layer and slot (S_max = the longest prompt rounded up to the prefill chunk, plus T;
+on a CPU rounded up to whole blocks of the bounded decode attention, model.DECODE_BLOCK):
 
     columns  0 .. n-1         | n .. n+t-1                  | beyond
              the prompt       | generated tokens 0..t-1     | stale (masked: never read)

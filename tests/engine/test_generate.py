@@ -204,8 +204,8 @@ def test_rejects_bad_prompts_and_configs(loaded_tiny):
         GenerateConfig(batch_size=8, decode_slots=4)
     with pytest.raises(FieldError, match=r"tail_slots: 4 is impossible; it must be in \[0, decode_slots=4\)"):
         GenerateConfig(batch_size=2, decode_slots=4, tail_slots=4)
-    with pytest.raises(FieldError, match=r"narrow_lanes: 8 is impossible; it must be in \[0, batch_size=8\)"):
-        GenerateConfig(batch_size=8, narrow_lanes=8)
+    with pytest.raises(FieldError, match=r"narrow_lanes: 5 is impossible; it must be in \[0, batch_size / 2 = 4\]"):
+        GenerateConfig(batch_size=8, narrow_lanes=5)
 
 
 def test_prefill_only_stops_at_the_deepest_hook_and_equals_a_full_run(loaded_tiny):
