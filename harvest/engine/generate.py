@@ -367,21 +367,21 @@ class Generator:
         """The mesh as the programs' context: they pin their outputs to it (sharding.constrain_state)."""
         return contextlib.nullcontext() if self.placement is None else jax.set_mesh(self.placement.mesh)
 
-    def _call_rows(self, lanes: Lanes) -> list[list[int]]:
-        """The lanes of each prefill call of this round: every lane in one call, or when few are busy, the
-        busy ones in calls `narrow` wide (as long as they add up to at most half the full width; short
-        lists are padded with idle rows). Lanes keep their prompts either way."""
+    def _call_rows(self, lanes: Lanes) -> tuple[int, list[list[int]]]:
+        """(call width, the lanes of each prefill call of this round): every lane in one call, or when few
+        are busy, the busy ones in calls `narrow` wide (as long as they add up to at most half the full
+        width; short lists are padded with idle rows). Lanes keep their prompts either way."""
         busy = [r for r, seq in enumerate(lanes.seqs) if seq is not None]
         w = self.narrow
         if w and -(-len(busy) // w) * w <= lanes.size // 2:
-            return [busy[i : i + w] for i in range(0, len(busy), w)]
-        return [list(range(lanes.size))]
+            return w, [busy[i : i + w] for i in range(0, len(busy), w)]
+        return lanes.size, [list(range(lanes.size))]
 
-    def _prefill_call(self, state: SlotState, seqs: list, calls: list) -> tuple[SlotState, list[InFlight]]:
-        """One prefill call: lane r carries seqs[r]'s next chunk (None: idle; rows past the list too).
-        Appends the call's activations to `calls`; returns the state and the prompts whose last chunk it ran."""
+    def _prefill_call(self, state: SlotState, width: int, seqs: list, calls: list) -> tuple[SlotState, list[InFlight]]:
+        """One prefill call `width` lanes wide: lane r carries seqs[r]'s next chunk (None, or past the list:
+        idle). Appends the call's activations to `calls`; returns the state and the prompts whose last
+        chunk it ran."""
         g, c = self.gcfg, self.gcfg.prefill_chunk
-        width = g.batch_size if len(seqs) > self.narrow else self.narrow
         slot = np.full(width, g.pool_slots, np.int32)
         tokens = np.zeros((width, c), np.int32)
         start = np.zeros(width, np.int32)
@@ -427,8 +427,9 @@ class Generator:
             lanes.refill()
             if lanes.busy == 0 or (lanes.shortfall and more_coming and (decoding or started)):
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
-            for rows in self._call_rows(lanes):
-                state, finished = self._prefill_call(state, [lanes.seqs[r] for r in rows], calls)
+            width, calls_rows = self._call_rows(lanes)
+            for rows in calls_rows:
+                state, finished = self._prefill_call(state, width, [lanes.seqs[r] for r in rows], calls)
                 started += finished
             lanes.seqs = [None if seq in started else seq for seq in lanes.seqs]
         if calls:  # move this round's activations to the host, one transfer per call
