@@ -49,6 +49,8 @@ against a jitted-sum read bandwidth. harvest's numbers come from summary.json "s
 prompt_tokens, generated_tokens, tokens_per_second, and when present compile_seconds,
 prefill_seconds, decode_seconds, decode_steps (loop iterations, each reading every weight once);
 absent ones print n/a. The transformers side has no compile; its prefill ends at the first new token.
+Also printed: harvest's mean live rows per decode step (generated tokens / decode_steps), the pool's
+occupancy, which the scheduler sets (decode_slots is the most it can be).
 Run it on a quiet machine: with other jobs on the cores, torch's spinning threads slow down many-fold.
 """
 
@@ -458,6 +460,12 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
     whole = ratio(rows[0]["tokens_per_second"], rows[1]["tokens_per_second"])
     inproc = ratio(rows[0]["in_process_tokens_per_second"], rows[1]["in_process_tokens_per_second"])
     print(f"\nharvest / transformers tok/s: {fmt(whole, '.2f')}x whole process, {fmt(inproc, '.2f')}x in-process")
+    live = ratio(s["generated_tokens"], s.get("decode_steps"))  # each live row emits one token per step
+    if live is not None:
+        print(
+            f"harvest decode: {live:.1f} live rows per step on average over {s['decode_steps']} steps "
+            f"({s.get('tail_steps', 'n/a')} of them in the tail pool): the pool's occupancy, which scheduling sets"
+        )
 
     out = Path(cfg["output"]["path"])
     h_bytes = sum(f.stat().st_size for f in out.glob("shards/*/acts/**/*") if f.is_file())
@@ -480,7 +488,8 @@ def compare(args, tmp: Path, peaks: dict) -> dict:
         print(f"WARNING: harvest counted {s['prompt_tokens']} prompt tokens, the selection has {n_prompt * samples}")
     return {"work": {"tasks": ids, "sequences": len(seqs), "max_new_tokens": new, "layers": layers}, "rows": rows,
             "ratio_whole_process": whole, "ratio_in_process": inproc, "harvest_act_bytes": h_bytes,
-            "hf_act_bytes": hf["bytes"], "lengths_agree": agree, "stored_rows_of_every_copy": stored_share}  # fmt: skip
+            "hf_act_bytes": hf["bytes"], "lengths_agree": agree, "stored_rows_of_every_copy": stored_share,
+            "mean_live_rows": live}  # fmt: skip
 
 
 def lengths_agree(run: Path, hf_lengths: dict) -> str:
