@@ -37,6 +37,7 @@ from harvest.engine.config import ModelConfig
 from harvest.engine.decode import DecodeConfig, compact, decode_segment, read_slot
 from harvest.engine.hooks import Edit, Hook, layers_needed
 from harvest.engine.model import DECODE_BLOCK, bounded_decode_attention
+from harvest.engine.params import with_stacked
 from harvest.engine.prefill import fork, prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.sharding import Placement
@@ -187,6 +188,9 @@ class Generator:
                 self.placement.check_rows("narrow_lanes", gcfg.narrow_lanes)
             params = self.placement.put_params(params)
             edit_params = None if edit_params is None else self.placement.replicated(edit_params)
+        params = with_stacked(params, keep_layers=not gcfg.prefill_only)  # prefill scans it; decode reads "layers"
+        if self.placement is not None:
+            params = self.placement.put_params(params)  # pins the stack's propagated sharding
         self.cfg, self.params, self.gcfg, self.edit_params = cfg, params, gcfg, edit_params
         self.dcfg = DecodeConfig(gcfg.max_new_tokens, gcfg.sampling, gcfg.fixed_length, gcfg.decode_hooks, gcfg.edit)
         rules = StopRules(tuple(eos_ids), tuple(gcfg.stop_strings), token_bytes)

@@ -124,7 +124,10 @@ class Placement:
     def param_shardings(self, params: dict):
         """The params pytree's shardings, from each leaf's logical axes (params.param_axes)."""
         axes = param_axes(self.cfg)
+        layer_axes = axes["layers"][0] if axes["layers"] else {}
         axes = {**axes, "layers": tuple(axes["layers"][: len(params["layers"])])}  # prefill-only truncation
+        if "stacked" in params:  # params.with_stacked: a leading layer axis, never split
+            axes["stacked"] = {name: (None, *a) for name, a in layer_axes.items()}
 
         def one(leaf_axes):
             return self._named(*("model" if a is not None and self.split[a] else None for a in leaf_axes))

@@ -173,7 +173,8 @@ def test_prefill_only_runs_no_layer_for_hook_embed_and_all_for_ln_final(hf_tiny,
         hooks = parse_hooks(pattern, lm.cfg)
         gcfg = GenerateConfig(2, 2, 64, max_prompt_len=100, max_new_tokens=0, prefill_hooks=hooks)
         gen = Generator(lm.cfg, lm.params, gcfg)
-        assert gen.cfg.n_layers == depth and len(gen.params["layers"]) == depth
+        assert gen.cfg.n_layers == depth and gen.params["layers"] == ()  # nothing decodes: the stack is enough
+        assert gen.params.get("stacked", {"q_w": np.zeros((0,))})["q_w"].shape[0] == depth
         (done,) = gen.generate([ids], [0])
         np.testing.assert_allclose(done.prefill_acts[pattern], caught[pattern], atol=ATOL, rtol=0, err_msg=pattern)
 

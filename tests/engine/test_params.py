@@ -1,9 +1,19 @@
 """The one parameter description drives init, loading (see tests/weights) and declares sharding axes."""
 
 import jax
+import numpy as np
 
 from harvest.engine.config import ModelConfig, preset_hf_config
-from harvest.engine.params import GLOBAL_SPECS, LAYER_SPECS, init_params, iter_specs, num_params, param_axes
+from harvest.engine.params import (
+    GLOBAL_SPECS,
+    LAYER_SPECS,
+    init_params,
+    iter_specs,
+    num_params,
+    param_axes,
+    stacked,
+    with_stacked,
+)
 
 
 def test_axes_tree_matches_params_and_ranks():
@@ -44,3 +54,21 @@ def test_every_spec_names_its_tensor_in_both_formats():
     assert by_path[("layers", 1, "q_w")].hf_name == "model.layers.1.self_attn.q_proj.weight"
     assert by_path[("embed",)].gguf_name == "token_embd.weight"
     assert all(x.shape == x.spec.shape(cfg) for x in leaves)
+
+
+def test_with_stacked_equals_stacking_in_the_jit_and_can_drop_the_layers():
+    """Prefill scans params["stacked"] when the engine made it once, else stacks inside its jit: the same arrays."""
+    cfg = ModelConfig.from_hf(preset_hf_config("tiny"))
+    params = init_params(cfg)
+    made = with_stacked(params)
+    assert made["layers"] is params["layers"] and stacked(made) is made["stacked"]
+    in_jit = jax.jit(stacked)(params)
+    assert set(in_jit) == set(made["stacked"]) == set(params["layers"][0])
+    for name, x in in_jit.items():
+        assert x.shape == (cfg.n_layers, *params["layers"][0][name].shape)
+        np.testing.assert_array_equal(np.asarray(made["stacked"][name]), np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(x[1]), np.asarray(params["layers"][1][name]))
+    only = with_stacked(params, keep_layers=False)
+    assert only["layers"] == () and only["embed"] is params["embed"]
+    empty = {**params, "layers": ()}  # no layer runs (hook_embed alone): nothing to stack
+    assert with_stacked(empty) is empty

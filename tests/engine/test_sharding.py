@@ -91,6 +91,8 @@ for kv in (4, 2):
             "shared_prompt_tokens": gen.timings["shared_prompt_tokens"],
             "k_w": spec(gen.params["layers"][0]["k_w"]),
             "q_w": spec(gen.params["layers"][0]["q_w"]),
+            "stacked_k_w": spec(gen.params["stacked"]["k_w"]),  # prefill's copy: split like the layers'
+            "stacked_q_w": spec(gen.params["stacked"]["q_w"]),
             "cache": spec(full_pool._state.cache[0][0]),
         }
 print("RESULT " + json.dumps(out))
@@ -150,6 +152,9 @@ def test_weights_and_cache_split_by_their_heads(mesh_runs):
     # 2 KV heads do not split over model=4: K/V weights and cache are replicated over `model`
     assert replicated["k_w"] == str(P(None, None)) and "model" not in replicated["cache"]
     assert replicated["q_w"] == str(P("model", None))  # the 8 query heads still split
+    # prefill's stacked copy: the same split behind its layer axis
+    assert split["stacked_k_w"] == split["stacked_q_w"] == replicated["stacked_q_w"] == str(P(None, "model", None))
+    assert replicated["stacked_k_w"] == str(P(None, None, None))
     assert "data" in mesh_runs["kv4-8"]["cache"] and "model" not in mesh_runs["kv4-8"]["cache"]
 
 
