@@ -86,6 +86,7 @@ def decode_step(
     return SlotState(
         cache=cache,
         logits=model.logits(cfg, params, x[:, 0]),
+        prompt_logits=s.prompt_logits,
         length=s.length + grow,
         num_generated=s.num_generated + grow,
         active=live & ~stopped,

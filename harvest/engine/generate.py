@@ -41,7 +41,7 @@ from harvest.engine.params import with_stacked
 from harvest.engine.prefill import fork, prefill_chunk
 from harvest.engine.sampling import SamplingConfig, row_keys
 from harvest.engine.sharding import Placement
-from harvest.engine.slots import InFlight, Lanes, choose_donor
+from harvest.engine.slots import InFlight, Lanes, choose_donor, prompt_key
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
 from harvest.engine.stopping import STOP_NONE, StopRules
 from harvest.errors import FieldError
@@ -229,8 +229,10 @@ class Generator:
         occupant: list[InFlight | None] = [None] * n_slots  # prefilling or decoding
         live: set[int] = set()  # slots decoding
         lanes = Lanes(g.batch_size)
+        if g.share_prefixes:
+            lanes.queued.update(s.key for s in queue)
         while queue or any(occupant):
-            self._admit(queue, occupant, live, lanes)
+            self._admit(queue, occupant, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=bool(live))
             live.update(seq.slot for seq in started)
             if not live:
@@ -238,8 +240,7 @@ class Generator:
             if not queue and not lanes.busy and not lanes.pending and len(live) <= self.tail_pool < len(occupant):
                 state, occupant, live = self._shrink(state, occupant, live)
                 n_slots = len(occupant)
-            # Stop decoding as soon as enough rows finish to give the prefill lanes a full call of prompts.
-            need = min(lanes.shortfall, len(queue)) if queue else n_slots + 1
+            need = self._slots_wanted(queue, occupant, lanes) if queue else n_slots + 1
             t0 = time.perf_counter()
             with self._on_mesh():
                 state, steps = decode_segment(
@@ -279,8 +280,10 @@ class Generator:
         """Each lane owns a slot: a prompt is admitted, prefilled chunk by chunk, and finished."""
         occupant: list[InFlight | None] = [None] * self.gcfg.pool_slots
         lanes = Lanes(self.gcfg.batch_size)
+        if self.gcfg.share_prefixes:
+            lanes.queued.update(s.key for s in queue)
         while queue or any(occupant):
-            self._admit(queue, occupant, set(), lanes)
+            self._admit(queue, occupant, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=False)
             for seq in started:
                 occupant[seq.slot] = None
@@ -288,7 +291,7 @@ class Generator:
                 yield Finished(seq.sequence_id, len(seq.prompt), np.zeros(0, np.int32), STOP_NONE, 0.0, acts, {})
         self._state = state
 
-    def _admit(self, queue: collections.deque, occupant: list, live: set[int], lanes: Lanes) -> None:
+    def _admit(self, queue: collections.deque, occupant: list, lanes: Lanes) -> None:
         """Free slots take the next prompts in order. A prompt that can copy a prefix from one in flight
         waits for that donor's cache instead of a lane (lanes.pending)."""
         for slot in range(len(occupant)):
@@ -296,8 +299,19 @@ class Generator:
                 occupant[slot] = seq = queue.popleft()
                 seq.slot = slot
                 if self.gcfg.share_prefixes:
-                    choose_donor(seq, [o for o in occupant if o is not None], self.gcfg.prefill_chunk, live)
+                    lanes.queued[seq.key] -= 1
+                    choose_donor(seq, [o for o in occupant if o is not None], self.gcfg.prefill_chunk)
                 (lanes.pending if seq.donor is not None else lanes.waiting).append(seq)
+
+    def _slots_wanted(self, queue: collections.deque, occupant: list, lanes: Lanes) -> int:
+        """Free slots to stop decoding for: as many as a full prefill call lacks, but just one when the
+        next prompt needs no full call: a copy of a prompt in flight starts at once (prefill.fork), and
+        one followed by enough queued copies fills a call by itself."""
+        short, head = lanes.shortfall, queue[0]
+        if short and self.gcfg.share_prefixes:
+            if lanes.queued[head.key] >= short or any(o is not None and o.key == head.key for o in occupant):
+                return 1
+        return min(short, len(queue))
 
     def _fork(self, state: SlotState, lanes: Lanes) -> tuple[SlotState, list[InFlight]]:
         """Copy the donors' caches into the slots of pending prompts whose donor now covers the shared
@@ -316,6 +330,7 @@ class Generator:
                             np.array([s.donor.slot for s in group] + [0] * pad, np.int32),
                             np.array([s.slot for s in group] + [g.pool_slots] * pad, np.int32),
                             np.array([s.whole_shared and not g.prefill_only for s in group] + [False] * pad),
+                            np.array([len(s.prompt) for s in group] + [0] * pad, np.int32),
                             np.array([s.sequence_id for s in group] + [0] * pad, np.uint32),
                             g.seed,
                         )
@@ -350,7 +365,7 @@ class Generator:
             raise ValueError(
                 f"sequence {sequence_id}: prompt of {len(ids)} tokens exceeds max_prompt_len={self.gcfg.max_prompt_len}"
             )
-        return InFlight(int(sequence_id), ids, -1)
+        return InFlight(int(sequence_id), ids, -1, prompt_key(ids))
 
     def _empty_state(self) -> SlotState:
         if self._make_empty is None:
@@ -420,8 +435,8 @@ class Generator:
         """Run prefill calls while every lane has a chunk to do: a lane whose prompt is done takes the next
         waiting one, and a half-prefilled prompt keeps its lane until the next round. Part-empty calls run
         only when no more prompts will come, when nothing is decoding (else nothing could progress), or when
-        the prompts they carry also hold back enough others (pending copies of their prefixes) to count
-        as a full call: 8 samples of one prompt wait on one lane.
+        the prompts they carry also hold back enough others (copies of their prefixes, pending or still
+        queued) to count as a full call: 8 samples of one prompt ride on one lane.
         Returns the state and the prompts that finished prefill (now decoding)."""
         t0 = time.perf_counter()
         calls, started = [], []

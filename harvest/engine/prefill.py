@@ -88,6 +88,7 @@ def arm_slots(state: SlotState, slots, logits, length, keys) -> SlotState:
     return dataclasses.replace(
         state,
         logits=state.logits.at[slots].set(logits, mode="drop"),
+        prompt_logits=state.prompt_logits.at[slots].set(logits, mode="drop"),
         length=state.length.at[slots].set(length, mode="drop"),
         num_generated=state.num_generated.at[slots].set(0, mode="drop"),
         active=state.active.at[slots].set(True, mode="drop"),
@@ -99,19 +100,20 @@ def arm_slots(state: SlotState, slots, logits, length, keys) -> SlotState:
 
 
 @functools.partial(jax.jit, static_argnames=("seed",), donate_argnames=("state",))
-def fork(state: SlotState, source, target, whole, sequence_ids, seed: int) -> SlotState:
+def fork(state: SlotState, source, target, whole, prompt_length, sequence_ids, seed: int) -> SlotState:
     """Shared prompt prefixes: each target slot [M] (N: none) gets a copy of its source slot's KV cache,
     so its prompt continues from the source's columns instead of recomputing them. Only the columns
-    below the shared length are ever read (attention masks the rest), so whole rows are copied: one
-    static shape. whole [M]: the prompts are identical, so the target is armed at once from the
-    source's prompt-end logits (the source must not have decoded yet) with its own RNG key. Unused
-    rows: target = N (their writes drop), any valid source."""
+    below the target's length are ever read (attention masks the rest, and decode overwrites a column
+    before reading it), so whole rows are copied: one static shape. whole [M]: the prompts are
+    identical (prompt_length [M] tokens), so the target is armed at once, with its own RNG key, from the
+    source's prompt-end logits, which stay while the source decodes. Unused rows: target = N (their
+    writes drop), any valid source."""
     cache = tuple(
         (k.at[target].set(k[source], mode="drop"), v.at[target].set(v[source], mode="drop")) for k, v in state.cache
     )
     state = dataclasses.replace(state, cache=cache)
     armed = jnp.where(whole, target, state.num_slots)
-    state = arm_slots(state, armed, state.logits[source], state.length[source], row_keys(seed, sequence_ids))
+    state = arm_slots(state, armed, state.prompt_logits[source], prompt_length, row_keys(seed, sequence_ids))
     return constrain_state(state)
 
 

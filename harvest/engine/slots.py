@@ -3,9 +3,9 @@
 A prompt that starts like one already in a slot need not be prefilled from scratch: its slot gets a
 copy of that donor's KV cache (prefill.fork) and prefill resumes at the first chunk past the shared
 part. Identical prompts (`generation.samples`) skip prefill entirely: the copy also arms the slot
-from the donor's prompt-end logits. The shared rows' activations are the donor's (same tokens, same
-positions: causality makes them the same numbers), so every finished sequence still carries its
-whole prompt.
+from the donor's prompt-end logits, which the pool keeps while the donor decodes, so a copy can enter
+whenever one slot frees. The shared rows' activations are the donor's (same tokens, same positions:
+causality makes them the same numbers), so every finished sequence still carries its whole prompt.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class InFlight:
     sequence_id: int
     prompt: np.ndarray  # [n] int32
     slot: int = -1
+    key: int = 0  # prompt_key(prompt): copies of one prompt share it (scheduling only; donors compare tokens)
     next_chunk: int = 0  # the next prompt chunk to prefill (the first past `shared` once forked)
     donor: InFlight | None = None  # the sequence whose cache holds this prompt's first `shared` tokens
     shared: int = 0  # prompt tokens copied from the donor instead of prefilled (a whole chunk count or len)
@@ -52,6 +53,10 @@ class InFlight:
         return {k: np.concatenate([a[: self.shared], *([own[k]] if k in own else [])]) for k, a in borrowed.items()}
 
 
+def prompt_key(prompt: np.ndarray) -> int:
+    return hash(prompt.tobytes())
+
+
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """The number of leading tokens two prompts share."""
     m = min(len(a), len(b))
@@ -59,17 +64,17 @@ def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(differ[0]) if len(differ) else m
 
 
-def choose_donor(seq: InFlight, candidates, chunk: int, decoding: set[int]) -> None:
-    """Give `seq` the in-flight sequence it saves the most prefill by copying from, if any. A donor
-    that has started decoding has lost its prompt-end logits, so only whole chunks are taken from it
-    (never the prompt's last token: its logits must be computed). A partial share is at least a chunk."""
+def choose_donor(seq: InFlight, candidates, chunk: int) -> None:
+    """Give `seq` the in-flight sequence it saves the most prefill by copying from, if any. An identical
+    prompt is copied whole, decoding or not; otherwise only whole chunks are taken (never the prompt's
+    last token: its logits must be computed). A partial share is at least a chunk."""
     n = len(seq.prompt)
     best = 0
     for other in candidates:
         if other is seq:
             continue
         same = common_prefix(seq.prompt, other.prompt)
-        if same == n == len(other.prompt) and other.slot not in decoding:
+        if same == n == len(other.prompt):
             saved = n
         else:
             saved = min(same, n - 1) // chunk * chunk
@@ -87,6 +92,8 @@ class Lanes:
     seqs: list = dataclasses.field(default_factory=list)
     waiting: collections.deque = dataclasses.field(default_factory=collections.deque)  # have a slot, no lane yet
     pending: list = dataclasses.field(default_factory=list)  # have a slot, wait for their donor's cache
+    queued: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # prompt key -> copies
+    # not yet given a slot (counted only where prefixes are shared)
 
     def __post_init__(self):
         self.seqs = [None] * self.size
@@ -98,8 +105,11 @@ class Lanes:
     @property
     def shortfall(self) -> int:
         """Prompts a prefill call lacks to be worth its cost: it moves the prompts in the lanes and
-        waiting for one forward, and with them the pending prompts that copy their prefixes."""
-        return max(0, self.size - self.busy - len(self.waiting) - len(self.pending))
+        waiting for one forward, and with them those that will copy their caches: the pending ones and
+        the queued copies of their prompts (8 samples of one prompt fill a call on one lane)."""
+        carried = [s for s in self.seqs if s is not None] + list(self.waiting)
+        copies = sum(self.queued[s.key] for s in carried)
+        return max(0, self.size - len(carried) - len(self.pending) - copies)
 
     def refill(self) -> None:
         self.seqs = [s if s is not None else (self.waiting.popleft() if self.waiting else None) for s in self.seqs]

@@ -34,6 +34,7 @@ class SlotState:
 
     cache: Cache
     logits: jax.Array  # [N, V] float32: the next token's logits
+    prompt_logits: jax.Array  # [N, V] float32: the logits at the prompt's end, kept while it decodes (prefill.fork)
     length: jax.Array  # [N] int32: tokens in the slot's cache; the next token's column and position
     num_generated: jax.Array  # [N] int32: also the index of the next generated token
     active: jax.Array  # [N] bool: generating (False: free, or finished and waiting to be read)
@@ -57,6 +58,7 @@ def empty_state(
     return SlotState(
         cache=tuple((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype)) for _ in range(cfg.n_layers)),
         logits=jnp.zeros((n, cfg.vocab_size), jnp.float32),
+        prompt_logits=jnp.zeros((n, cfg.vocab_size), jnp.float32),
         length=jnp.zeros((n,), jnp.int32),
         num_generated=jnp.zeros((n,), jnp.int32),
         active=jnp.zeros((n,), bool),

@@ -28,10 +28,11 @@ def gen(lm, share, **kw):
     base = dict(batch_size=2, decode_slots=8, prefill_chunk=CHUNK, max_prompt_len=320, max_new_tokens=24)
     base |= dict(prefill_hooks=hooks, decode_hooks=hooks, share_prefixes=share, seed=3)
     base |= dict(sampling=SamplingConfig(temperature=2.0))  # samples of one prompt must differ
+    eos = kw.pop("eos_ids", (7,))
     base |= kw
     if base["max_new_tokens"] == 0:
         base["decode_hooks"] = ()
-    return Generator(lm.cfg, lm.params, GenerateConfig(**base), eos_ids=(7,))
+    return Generator(lm.cfg, lm.params, GenerateConfig(**base), eos_ids=eos)
 
 
 def assert_same_sequences(got, want):
@@ -59,8 +60,8 @@ def test_sharing_changes_no_sequence_and_skips_the_shared_prefill(loaded_tiny):
     assert_same_sequences(shared.generate(prompts, ids), want)
     assert shared.timings["shared_prompt_tokens"] == SHARED
     assert shared.timings["prefill_calls"] < plain.timings["prefill_calls"]
-    # Other pools and orders: donors that are already decoding (their logits are gone), or that
-    # finished and left, or prefill lanes still carrying them.
+    # Other pools and orders: donors that are already decoding (a copy arms from their kept prompt-end
+    # logits, a partial share copies whole chunks), or that finished and left, or lanes still carrying them.
     for kw in (dict(decode_slots=3, tail_slots=1, segment_steps=4), dict(batch_size=1, decode_slots=2)):
         for order in (ids[::-1], [3, 0, 6, 1, 5, 2, 4]):
             g = gen(lm, share=True, **kw)
@@ -75,3 +76,23 @@ def test_prefill_only_runs_share_too(loaded_tiny):
     shared = gen(lm, share=True, max_new_tokens=0)
     assert_same_sequences(shared.generate(prompts, ids), want)
     assert shared.timings["shared_prompt_tokens"] > 0
+
+
+def test_a_copy_admitted_while_its_donor_decodes_is_never_prefilled(loaded_tiny):
+    """Four samples of one prompt through two slots: the first is prefilled; each later one enters the
+    slot a finished row frees and is armed from a decoding copy's kept prompt-end logits (no prefill
+    call, no recomputed last chunk), and every sequence equals its run without sharing."""
+    lm = loaded_tiny
+    ids, prompts = [0, 1, 2, 3], [A] * 4
+    kw = dict(batch_size=1, decode_slots=2, tail_slots=0)
+    free = {d.sequence_id: d.tokens for d in gen(lm, share=False, eos_ids=(), **kw).generate(prompts, ids)}
+    # EOS: the earliest tokens of rows 0 and 2 that row 1 never samples. Rows 0 and 2 stop early while
+    # row 1 decodes all 24 tokens, so each later sample is admitted while a copy of its prompt decodes.
+    eos = tuple(int(next(x for x in free[i] if x not in free[1])) for i in (0, 2))
+    first = {i: next((t for t, x in enumerate(free[i]) if x in eos), None) for i in ids}
+    assert first[1] is None and first[0] + first[2] + 2 < 24, first
+    want = gen(lm, share=False, eos_ids=eos, **kw).generate(prompts, ids)
+    shared = gen(lm, share=True, eos_ids=eos, **kw)
+    assert_same_sequences(shared.generate(prompts, ids), want)
+    assert shared.timings["prefill_calls"] == -(-len(A) // CHUNK)  # the first sample's chunks only
+    assert shared.timings["shared_prompt_tokens"] == 3 * len(A)
