@@ -228,9 +228,7 @@ class Generator:
         n_slots = g.decode_slots
         occupant: list[InFlight | None] = [None] * n_slots  # prefilling or decoding
         live: set[int] = set()  # slots decoding
-        lanes = Lanes(g.batch_size)
-        if g.share_prefixes:
-            lanes.queued.update(s.key for s in queue)
+        lanes = self._lanes(queue)
         while queue or any(occupant):
             self._admit(queue, occupant, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=bool(live))
@@ -279,9 +277,7 @@ class Generator:
     def _stream_prefill_only(self, state: SlotState, queue: collections.deque) -> Iterator[Finished]:
         """Each lane owns a slot: a prompt is admitted, prefilled chunk by chunk, and finished."""
         occupant: list[InFlight | None] = [None] * self.gcfg.pool_slots
-        lanes = Lanes(self.gcfg.batch_size)
-        if self.gcfg.share_prefixes:
-            lanes.queued.update(s.key for s in queue)
+        lanes = self._lanes(queue)
         while queue or any(occupant):
             self._admit(queue, occupant, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=False)
@@ -290,6 +286,13 @@ class Generator:
                 acts = seq.prompt_acts()
                 yield Finished(seq.sequence_id, len(seq.prompt), np.zeros(0, np.int32), STOP_NONE, 0.0, acts, {})
         self._state = state
+
+    def _lanes(self, queue: collections.deque) -> Lanes:
+        """Empty prefill lanes for a stream of `queue`, counting its copies of each prompt when they share."""
+        lanes = Lanes(self.gcfg.batch_size)
+        if self.gcfg.share_prefixes:
+            lanes.queued.update(s.key for s in queue)
+        return lanes
 
     def _admit(self, queue: collections.deque, occupant: list, lanes: Lanes) -> None:
         """Free slots take the next prompts in order. A prompt that can copy a prefix from one in flight
