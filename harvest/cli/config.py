@@ -161,7 +161,7 @@ class CaptureSection:
 @dataclasses.dataclass(frozen=True)
 class RuntimeSection:
     batch_size: int = 8  # prompts per prefill call
-    decode_slots: int = 32  # sequences decoding at once (continuous batching)
+    decode_slots: int = 32  # sequences decoding at once (continuous batching); at most the run's sequences
     prefill_chunk: int = 128  # prompt tokens per prompt per prefill call
     tail_slots: int | None = None  # pool size for the last few live rows; null: decode_slots // 4; 0: off
     narrow_lanes: int | None = None  # prefill call width when few prompts prefill; null: batch_size // 4; 0: off
@@ -224,17 +224,28 @@ class RunConfig:
             return make_mesh(self.runtime.mesh)
 
     def generate_config(
-        self, hooks: tuple[Hook, ...], stop_strings: tuple[str, ...], longest_prompt: int
+        self,
+        hooks: tuple[Hook, ...],
+        stop_strings: tuple[str, ...],
+        longest_prompt: int,
+        sequences: int | None = None,
+        data: int = 1,
     ) -> GenerateConfig:
         """The engine's config: generation keys, runtime batching, and the hooks of each captured phase.
-        The cache holds the longest prompt of the run (all of its sequences, so a resume sizes it alike)."""
+        The cache holds the longest prompt of the run, and the pool at most its `sequences` (rounded up to
+        a multiple of the mesh's `data`): a slot no sequence can fill would decode at full cost every step.
+        Both count all of the run's sequences, so a resume sizes them alike. sequences None: no bound."""
         g, r, phases = self.generation, self.runtime, set(self.capture.phases)
+        slots = r.decode_slots
+        if sequences is not None:
+            slots = min(slots, max(r.batch_size, -(-sequences // data) * data))
+        tail = r.tail_slots if r.tail_slots is None or r.tail_slots < slots else 0  # a pool that small needs none
         with library_checks("generation"):
             return GenerateConfig(
                 batch_size=r.batch_size,
-                decode_slots=r.decode_slots,
+                decode_slots=slots,
                 prefill_chunk=r.prefill_chunk,
-                tail_slots=r.tail_slots,
+                tail_slots=tail,
                 narrow_lanes=r.narrow_lanes,
                 max_prompt_len=longest_prompt,
                 max_new_tokens=g.max_new_tokens,

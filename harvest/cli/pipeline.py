@@ -93,7 +93,9 @@ def prepare(cfg: RunConfig) -> Work:
             f"every prompt is longer than data.max_prompt_tokens={cfg.data.max_prompt_tokens}; "
             "raise data.max_prompt_tokens"
         )
-    gcfg = cfg.generate_config(hooks, stops, max(len(p) for p in prompts.values()))
+    mesh = cfg.device_mesh()
+    data = mesh.shape["data"] if mesh is not None else 1
+    gcfg = cfg.generate_config(hooks, stops, max(len(p) for p in prompts.values()), len(kept), data)
     check_capture_memory(cfg, gcfg, lm)
     with library_checks("runtime"):  # lanes and slots must split over the mesh's `data` axis
         generator = Generator(
@@ -102,7 +104,7 @@ def prepare(cfg: RunConfig) -> Work:
             gcfg,
             eos_ids=lm.eos_ids,
             token_bytes=token_bytes_of(lm.tokenizer) if stops else None,
-            mesh=cfg.device_mesh(),
+            mesh=mesh,
         )
     shared = {}
     if "prefill" in cfg.capture.phases:

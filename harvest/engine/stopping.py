@@ -58,12 +58,12 @@ def _transition_table(pat: bytes, token_bytes: tuple[bytes, ...], vocab_size: in
     """[len(pat)+1, V]: the state after appending token t in state s (len(pat) = matched)."""
     m = len(pat)
     table = np.zeros((m + 1, vocab_size), np.int16)
+    table[m] = m  # absorbing: once stopped, stays stopped
     alphabet = set(pat)
     for t, tb in enumerate(token_bytes[:vocab_size]):
-        relevant = any(c in alphabet for c in tb)
+        if alphabet.isdisjoint(tb):
+            continue  # no byte of the pattern: the match resets to 0 (most of a vocabulary; a set test in C)
         for s in range(m):
-            if not relevant:
-                continue  # no byte of the pattern: the match resets to 0
             text = pat[:s] + tb
             if pat in text:
                 table[s, t] = m
@@ -72,7 +72,6 @@ def _transition_table(pat: bytes, token_bytes: tuple[bytes, ...], vocab_size: in
                 if text.endswith(pat[:k]):
                     table[s, t] = k
                     break
-        table[m, t] = m  # absorbing: once stopped, stays stopped
     return table
 
 

@@ -13,12 +13,13 @@ code (trust_remote_code) are refused.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
 import math
 import re
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -71,17 +72,41 @@ class LoadedModel:
             self._tokenizer = tok
         return self._tokenizer
 
-    @functools.cached_property
+    def __post_init__(self):
+        # ~1 s per GB, started now: hashlib lets go of the GIL, so it overlaps the tokenizer's load and the
+        # engine's set-up instead of adding to them
+        self._sha256 = in_background(files_sha256, self.source, self.weight_files)
+
+    @property
     def weights_sha256(self) -> str:
         """sha256 over the weight files in order; for presets, over the preset name and seed."""
-        h = hashlib.sha256()
-        if not self.weight_files:
-            h.update(self.source.encode())
-        for f in self.weight_files:
-            with open(f, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 24), b""):
-                    h.update(block)
-        return h.hexdigest()
+        return self._sha256.result()
+
+
+def files_sha256(source: str, files: tuple[Path, ...]) -> str:
+    h = hashlib.sha256()
+    if not files:
+        h.update(source.encode())
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def in_background(fn, *args) -> Future:
+    """fn(*args) on a daemon thread (one that never holds up the process's exit); its result or error
+    comes out of the future."""
+    future: Future = Future()
+
+    def work():
+        try:
+            future.set_result(fn(*args))
+        except BaseException as e:  # handed to whoever asks for the result
+            future.set_exception(e)
+
+    threading.Thread(target=work, daemon=True, name=f"harvest-{fn.__name__}").start()
+    return future
 
 
 def resolve_dtype(name: str):
