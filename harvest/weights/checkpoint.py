@@ -345,15 +345,28 @@ def has_tokenizer(folder: Path) -> bool:
     return (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
 
 
+# Tokenizer classes loaded directly: AutoTokenizer resolves a folder naming one of these to Qwen2's fast
+# class too, but reads the model config on the way, which imports torch when it is installed (3.6 s of
+# every run here).
+QWEN2_TOKENIZER_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+
+
 def load_tokenizer(folder: Path | None):
     """The checkpoint's own tokenizer, else the packaged Qwen2 one (random presets, bare test folders)."""
+    if folder is None or not has_tokenizer(folder):
+        if folder is not None:
+            log.warning("no tokenizer in %s; using the packaged Qwen2 tokenizer", folder)
+        folder = PACKAGED_TOKENIZER
+    config = folder / "tokenizer_config.json"
+    named = read_json(config).get("tokenizer_class") if config.is_file() else None
+    if named in QWEN2_TOKENIZER_CLASSES:
+        # the fast class, as AutoTokenizer picks: in transformers 4 Qwen2Tokenizer is the slow Python one
+        from transformers import Qwen2TokenizerFast
+
+        return Qwen2TokenizerFast.from_pretrained(str(folder))
     from transformers import AutoTokenizer
 
-    if folder is not None and has_tokenizer(folder):
-        return AutoTokenizer.from_pretrained(str(folder))
-    if folder is not None:
-        log.warning("no tokenizer in %s; using the packaged Qwen2 tokenizer", folder)
-    return AutoTokenizer.from_pretrained(str(PACKAGED_TOKENIZER))
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def check_tokenizer_fits(tok, vocab_size: int, origin: Path | None) -> None:

@@ -3,14 +3,17 @@
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from harvest.engine.config import ModelError
-from harvest.weights.checkpoint import load_model
+from harvest.weights.checkpoint import PACKAGED_TOKENIZER, load_model, load_tokenizer
 from helpers.models import make_hf_model
+from helpers.runs import ROOT
 
 
 def torch_weights(model):
@@ -260,3 +263,51 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused(hf_tiny, tmp_path):
         f"{folder} has no tokenizer (tokenizer.json or vocab.json), and the packaged Qwen2 tokenizer's 151936 "
         f"tokens do not fit its vocab_size 512; copy the checkpoint's tokenizer files into it"
     )
+
+
+@pytest.fixture(scope="module")
+def tokenizer_folders(tmp_path_factory):
+    """The packaged tokenizer as a checkpoint's own copy, and one whose config names a generic class."""
+    own = tmp_path_factory.mktemp("own_tokenizer")
+    shutil.copytree(PACKAGED_TOKENIZER, own, dirs_exist_ok=True)
+    generic = tmp_path_factory.mktemp("generic_tokenizer")
+    shutil.copytree(PACKAGED_TOKENIZER, generic, dirs_exist_ok=True)
+    cfg = json.loads((generic / "tokenizer_config.json").read_text())
+    (generic / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return own, generic
+
+
+@pytest.mark.parametrize("which", ["packaged", "own", "generic"])
+def test_the_tokenizer_is_the_one_autotokenizer_loads(tokenizer_folders, which):
+    """load_tokenizer takes a short cut past AutoTokenizer for Qwen2 folders: it must give the same object."""
+    from transformers import AutoTokenizer
+
+    folder = {"packaged": None, "own": tokenizer_folders[0], "generic": tokenizer_folders[1]}[which]
+    ours, ref = load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder or PACKAGED_TOKENIZER))
+    assert type(ours) is type(ref)
+    assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    assert (ours.chat_template, len(ours), ours.eos_token_id, ours.pad_token_id) == (
+        ref.chat_template,
+        len(ref),
+        ref.eos_token_id,
+        ref.pad_token_id,
+    )
+    chat = [{"role": "user", "content": "Input:\n0120\n3344\nOutput:"}]
+    text = ref.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    enc = ours(text, add_special_tokens=False, return_offsets_mapping=True)
+    want = ref(text, add_special_tokens=False, return_offsets_mapping=True)
+    assert (enc["input_ids"], enc["offset_mapping"]) == (want["input_ids"], want["offset_mapping"])
+    ids = enc["input_ids"]
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_loading_a_qwen2_tokenizer_never_imports_torch(tokenizer_folders):
+    """AutoTokenizer imports torch (3.6 s here) when it is installed; harvest's run never needs it."""
+    code = (
+        "import sys\nfrom harvest.weights.checkpoint import load_tokenizer\n"
+        f"load_tokenizer(None), load_tokenizer(__import__('pathlib').Path({str(tokenizer_folders[0])!r}))\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "False"
