@@ -306,6 +306,7 @@ def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: Proce
                 f"{writer.stats.bytes_written / 2**20:,.1f} MiB committed"
             )
     engine = {
+        "pool_slots": work.generator.gcfg.pool_slots,  # runtime.decode_slots, cut to the run's sequences
         **{k: round(v, 3) for k, v in work.generator.timings.items()},
         "compiles": CompileCounter.count - compiles_before[0],
         "compile_seconds": round(CompileCounter.seconds - compiles_before[1], 3),

@@ -21,6 +21,7 @@ def test_stored_activations_equal_transformers(real_vocab_model, tmp_path):
     summary = run_harvest(from_dict(run_config(folder, tmp_path / "run")))
     store = open_store(tmp_path / "run")
     assert store.num_sequences == summary["sequences"] >= 2
+    assert summary["session"]["pool_slots"] == store.num_sequences  # not runtime.decode_slots' 32: no empty slots
     assert sorted(store.hooks) == sorted(HOOKS)
     for sid in store.sequences["sequence_id"]:
         seq = store.sequence(int(sid))
