@@ -200,20 +200,22 @@ def run(cfg: RunConfig, overwrite: bool = False, work: Work | None = None) -> di
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     work = work or prepare(cfg)  # model, tasks, hooks and prompts are all checked before --overwrite deletes anything
     # every process must harvest the same sequences from the same weights, or shares would overlap or miss some
-    same = {"inputs": inputs_fingerprint(work), "config": data_fingerprint(cfg), "--overwrite": overwrite}
+    inputs = inputs_fingerprint(work)  # hashes the prompts and the tokenizer: made once per run
+    same = {"inputs": inputs, "config": data_fingerprint(cfg), "--overwrite": overwrite}
     distributed.agree(same, share, "give every process the same config, model, task files and --overwrite")
     with lock_run(out, share):  # one harvest per folder (per share): two would both write and clean up
         # every process reads the same run.json and reaches the same verdict; only process 0 deletes
         if share.index == 0 or not overwrite:
             prepare_output(out, cfg, overwrite and share.index == 0)
         distributed.barrier("harvest/prepared", share)  # nobody scans a folder process 0 is still clearing
-        return _run(cfg, out, work, started, share)
+        return _run(cfg, out, work, started, inputs, share)
 
 
-def _run(cfg: RunConfig, out: Path | URL, work: Work, started: str, share: ProcessShare = LONE) -> dict:
+def _run(
+    cfg: RunConfig, out: Path | URL, work: Work, started: str, inputs: dict[str, str], share: ProcessShare = LONE
+) -> dict:
     layout = StoreLayout(out)
     meta = read_run_metadata(out) if layout.files.is_file(layout.run_json) else {}
-    inputs = inputs_fingerprint(work)
     changed = [k for k, v in meta.get("inputs", inputs).items() if inputs.get(k) != v]
     if changed:
         raise ConfigError(
