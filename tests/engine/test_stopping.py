@@ -46,3 +46,27 @@ def test_stop_table_matches_a_blank_line_across_and_inside_tokens(qwen_tokenizer
     assert run(enc("12\n") + enc("\n"))  # "\n" then "\n"
     assert not run(enc("12\n34\n"))
     assert run(enc("12\n\nInput"))  # absorbing: once matched, stays matched
+
+
+def reference_transition(pat: bytes, state: int, token: bytes) -> int:
+    """The automaton's definition: matched (len(pat)) if the text so far plus the token holds the pattern,
+    else the longest prefix of the pattern the text ends with. An empty token resets, as the engine's does."""
+    text = pat[:state] + token
+    if state == len(pat) or pat in text:
+        return len(pat)
+    if not token:
+        return 0
+    return max(k for k in range(len(pat)) if text.endswith(pat[:k]))
+
+
+@pytest.mark.parametrize("pat", [b"\n\n", b"Input", b"\n\nInput", b"abab", b"aaa", b"]]"])
+def test_stop_tables_follow_the_definition_for_every_token(token_bytes, pat):
+    """The table builder skips tokens that cannot move the state off 0; none it skips may be one that does."""
+    rng = np.random.default_rng(0)
+    crafted = [b"", b"In", b"put", b"nput", b"putx", b"I", b"Inp", b"utIn", b"\nx", b"abab", b"babx", b"ba", b"a"]
+    crafted += [b"aa", b"aax", b"b]", b"]", b"]x", b"\n"]  # ...x: a match across the boundary, from a token's start
+    vocab = tuple(crafted + [token_bytes[i] for i in rng.choice(len(token_bytes), 4000, replace=False)])
+    _, table, _ = StopRules((), (pat.decode(),), vocab).tables(len(vocab))
+    table = np.asarray(table)[0]
+    want = [[reference_transition(pat, s, tb) for tb in vocab] for s in range(len(pat) + 1)]
+    np.testing.assert_array_equal(table, want)
