@@ -74,6 +74,7 @@ def is_instruct(lm: LoadedModel) -> bool:
 
 def prepare(cfg: RunConfig) -> Work:
     lm = load_model(cfg.model.path, cfg.model.dtype)
+    lm.hash_weights_in_background()  # provenance needs it; it overlaps the tokenizer's and engine's set-up
     hooks = parse_hooks(cfg.capture.hooks, lm.cfg)
     tasks, skipped = cfg.data.load_tasks()
     seqs = arc.make_sequences(tasks, cfg.augment.to_augment_config(), cfg.generation.samples, cfg.generation.seed)

@@ -72,14 +72,18 @@ class LoadedModel:
             self._tokenizer = tok
         return self._tokenizer
 
-    def __post_init__(self):
-        # ~1 s per GB, started now: hashlib lets go of the GIL, so it overlaps the tokenizer's load and the
-        # engine's set-up instead of adding to them
-        self._sha256 = in_background(files_sha256, self.source, self.weight_files)
+    _sha256: Future | None = dataclasses.field(default=None, init=False, repr=False)
+
+    def hash_weights_in_background(self) -> None:
+        """Start weights_sha256 on a thread (~1 s per GB; hashlib lets go of the GIL), for a caller that
+        will need it and has other loading to overlap it with. Only such a caller pays for the read."""
+        if self._sha256 is None:
+            self._sha256 = in_background(files_sha256, self.source, self.weight_files)
 
     @property
     def weights_sha256(self) -> str:
         """sha256 over the weight files in order; for presets, over the preset name and seed."""
+        self.hash_weights_in_background()
         return self._sha256.result()
 
 
