@@ -55,9 +55,37 @@ def stop_check(dcfg: DecodeConfig, s: SlotState, tables: StopTables, tok):
     return hit_eos | hit_string | hit_length, reason, stop_state
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class NewColumns:
+    """One step's keys and values, every layer's, for the cache column each row goes to (the cache's
+    length: out of range, dropped). A step reads the cache and leaves these for the next step to write
+    before its own reads: an in-place write after the reads would make XLA copy the whole cache, and one
+    write for all layers is one scatter kernel to compile instead of one per layer."""
+
+    col: jax.Array  # [N] int32
+    k: jax.Array  # [N, L, K, Dh]
+    v: jax.Array  # [N, L, K, Dh]
+
+    @staticmethod
+    def none(cache) -> NewColumns:
+        layers, n, kh, s_max, dh = cache[0].shape
+        zeros = jnp.zeros((n, layers, kh, dh), cache[0].dtype)
+        return NewColumns(jnp.full((n,), s_max, jnp.int32), zeros, zeros)
+
+    def write(self, cache):
+        rows = jnp.arange(self.col.shape[0])
+        k, v = cache
+        return (
+            k.at[:, rows, :, self.col].set(self.k, mode="drop"),  # update [N, L, K, Dh]
+            v.at[:, rows, :, self.col].set(self.v, mode="drop"),
+        )
+
+
 def decode_step(
     cfg: ModelConfig, dcfg: DecodeConfig, params, s: SlotState, tables: StopTables, edit_params=None
-) -> SlotState:
+) -> tuple[SlotState, NewColumns]:
+    """-> (the state one token on, with that token's keys and values not yet in the cache: NewColumns)."""
     n, t_max = s.tokens.shape
     live = s.active
     rows = jnp.arange(n)
@@ -65,26 +93,25 @@ def decode_step(
     lp = jnp.take_along_axis(s.logits, tok[:, None], -1)[:, 0] - jax.nn.logsumexp(s.logits, -1)
     stopped, reason, stop_state = stop_check(dcfg, s, tables, tok)
 
-    cache_len = s.cache[0][0].shape[2]
-    col = jnp.where(live, s.length, cache_len)  # [N]; dead slots write out of range (dropped)
-    # a row attends to columns [0, length]: the prompt, earlier tokens, tok; on a CPU only the blocks up to
-    # the longest live row are read
-    span = jnp.max(jnp.where(live, s.length, 0)) if model.bounded_decode_attention() else None
+    # a row attends to columns [0, length) and to tok itself; on a CPU only the blocks up to the longest
+    # live row are read
+    blocks = model.decode_blocks(jnp.max(jnp.where(live, s.length, 0))) if model.bounded_decode_attention() else None
+    k_cache, v_cache = s.cache  # [L, N, K, S_max, Dh]
 
     def attend(i, q, k, v):
-        kc, vc = s.cache[i]
-        kc = kc.at[rows, :, col].set(k[:, 0], mode="drop")  # update [N, K, Dh]
-        vc = vc.at[rows, :, col].set(v[:, 0], mode="drop")
-        return model.cached_attention(q, kc, vc, s.length, span), (kc, vc)
+        layer = jax.lax.optimization_barrier(jnp.uint32(i))  # traced: every layer shares one compiled loop
+        return model.cached_attention(q, k, v, k_cache, v_cache, layer, s.length, blocks), (k[:, 0], v[:, 0])
 
     x = model.embed(params, tok[:, None])  # [N, 1, D]
-    x, cache, acts = model.unrolled_layers(
-        cfg, params, x, s.length[:, None], attend, dcfg.hooks, dcfg.edit, edit_params
+    x, kv, acts = model.unrolled_layers(cfg, params, x, s.length[:, None], attend, dcfg.hooks, dcfg.edit, edit_params)
+    new = NewColumns(
+        jnp.where(live, s.length, k_cache.shape[3]),  # dead slots write out of range (dropped)
+        *(jnp.stack([layer[j] for layer in kv], axis=1) for j in (0, 1)),  # [N, L, K, Dh]
     )
     at = jnp.where(live, s.num_generated, t_max)  # [N]; dead slots: dropped
     grow = live.astype(jnp.int32)
-    return SlotState(
-        cache=cache,
+    state = SlotState(
+        cache=s.cache,
         logits=model.logits(cfg, params, x[:, 0]),
         prompt_logits=s.prompt_logits,
         length=s.length + grow,
@@ -97,6 +124,7 @@ def decode_step(
         tokens=s.tokens.at[rows, at].set(tok, mode="drop"),
         acts={k: a.at[rows, at].set(acts[k][:, 0].astype(a.dtype), mode="drop") for k, a in s.acts.items()},
     )
+    return state, new
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dcfg"), donate_argnames=("state",))
@@ -111,19 +139,21 @@ def decode_segment(
     edit_params=None,
 ) -> tuple[SlotState, jax.Array]:
     """Advance the pool until max_steps, or want_free slots are free, or no slot is live.
-    -> (state, steps run)."""
+    -> (state, steps run). Each step first writes the previous step's new columns; the last are written
+    after the loop, so the cache is whole whenever the state leaves this program."""
 
     def cond(c):
-        i, s = c
+        i, s, _ = c
         free = jnp.sum(~s.active)
         return (i < max_steps) & (free < want_free) & jnp.any(s.active)
 
     def body(c):
-        i, s = c
-        return i + 1, decode_step(cfg, dcfg, params, s, tables, edit_params)
+        i, s, new = c
+        s = dataclasses.replace(s, cache=new.write(s.cache))
+        return i + 1, *decode_step(cfg, dcfg, params, s, tables, edit_params)
 
-    steps, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
-    return constrain_state(state), steps
+    steps, state, new = jax.lax.while_loop(cond, body, (jnp.int32(0), state, NewColumns.none(state.cache)))
+    return constrain_state(dataclasses.replace(state, cache=new.write(state.cache))), steps
 
 
 @jax.jit
@@ -136,5 +166,6 @@ def read_slot(state: SlotState, slot):
 def compact(state: SlotState, slots, keep) -> SlotState:
     """A smaller pool holding `slots` [n] of `state` (keep [n] False: an empty slot). When no prompt
     waits and few rows are live, a step of the small pool costs half that of the full one on a CPU."""
-    small = jax.tree.map(lambda a: a[slots], state)
-    return constrain_state(dataclasses.replace(small, active=small.active & keep))
+    small = jax.tree.map(lambda a: a[slots], dataclasses.replace(state, cache=()))
+    cache = tuple(a[:, slots] for a in state.cache)  # [L, n, K, S_max, Dh]
+    return constrain_state(dataclasses.replace(small, cache=cache, active=small.active & keep))

@@ -117,42 +117,51 @@ DECODE_BLOCK = 128  # cache columns per step of the bounded decode attention (th
 
 
 def bounded_decode_attention() -> bool:
-    """Whether decode reads only the cache blocks up to the longest live row (cached_attention's span):
+    """Whether decode reads only the cache blocks up to the longest live row (cached_attention's blocks):
     on XLA:CPU; elsewhere one pass over the cache is faster."""
     return jax.default_backend() == "cpu"
 
 
-def cached_attention(q, k_cache, v_cache, length, span=None):
-    """One query per row against its cache columns [0, length].
+def decode_blocks(length):
+    """The cache blocks (of DECODE_BLOCK columns) that hold columns [0, length)."""
+    return (length + DECODE_BLOCK - 1) // DECODE_BLOCK
 
-    q [B, 1, H, Dh], k/v_cache [B, K, S_max, Dh], length [B] int32 -> [B, 1, H, Dh].
-    span None: one masked pass over the whole cache. span (int32, >= every length that matters; rows
-    above it get garbage): only the first span // DECODE_BLOCK + 1 blocks are read, flash-style (a running
-    max and sum). On XLA:CPU a pass over all S_max columns costs 2-3x the bounded loop at half the cache
-    (bench in issue #9's note). A cache that is not a whole number of blocks gets the single pass.
+
+def cached_attention(q, k, v, k_cache, v_cache, layer, length, blocks=None):
+    """One query per row against its cache columns [0, length) and its own key and value.
+
+    q [B, 1, H, Dh]; k/v [B, 1, K, Dh]: this token's, not yet in the cache (decode writes every layer's
+    at once: one scatter instead of one per layer, each a kernel XLA compiles); k/v_cache
+    [L, B, K, S_max, Dh]: every layer's; layer: uint32 scalar, traced (a constant would give each layer its
+    own copy of the loop below to compile); length [B] int32 -> [B, 1, H, Dh].
+    blocks None: one masked pass over the layer's cache. blocks (int32, decode_blocks of the longest length
+    that matters; longer rows get garbage): only the first `blocks` blocks of DECODE_BLOCK columns are read,
+    flash-style (a running max and sum). On XLA:CPU a pass over all S_max columns costs 2-3x the bounded
+    loop at half the cache (bench in issue #9's note). A cache that is not a whole number of blocks gets
+    the single pass.
     """
     b, _, h, dh = q.shape
-    kh = k_cache.shape[1]
+    _, _, kh, s_max, _ = k_cache.shape
     q = q.reshape(b, kh, h // kh, dh)  # [B, K, G, Dh]
+    scale = dh**-0.5
+    zero, layer = jnp.uint32(0), jnp.asarray(layer).astype(jnp.uint32)
 
-    def scores(keys, first):  # keys [B, K, n, Dh] from column `first` -> [B, K, G, n], masked past `length`
-        ok = first + jnp.arange(keys.shape[2]) <= length[:, None]  # [B, n]
-        return jnp.where(ok[:, None, None, :], _scores(q, keys) * dh**-0.5, NEG_INF)
+    def fold(carry, first, n):  # carry folded with this layer's cache columns first .. first + n - 1
+        at = (layer, zero, zero, jnp.asarray(first).astype(jnp.uint32), zero)  # unsigned: jax wraps no negatives
+        keys, vals = (jax.lax.dynamic_slice(a, at, (1, b, kh, n, dh))[0] for a in (k_cache, v_cache))
+        ok = first + jnp.arange(n) < length[:, None]  # [B, n]
+        s = jnp.where(ok[:, None, None, :], _scores(q, keys) * scale, NEG_INF)  # [B, K, G, n]
+        return _fold(carry, s, vals)
 
-    if span is None or k_cache.shape[2] % DECODE_BLOCK:
-        out = _weighted(jax.nn.softmax(scores(k_cache, 0), axis=-1), v_cache)
+    # [B, K, G]; a reduction, not a dot: XLA compiles one kernel for every layer's, not one per layer
+    own = jnp.sum(q.astype(F32) * k[:, 0, :, None, :].astype(F32), -1) * scale
+    carry = (own, jnp.ones_like(own), jnp.broadcast_to(v[:, 0, :, None, :].astype(F32), q.shape))  # its own column
+    if blocks is None or s_max % DECODE_BLOCK:
+        carry = fold(carry, 0, s_max)
     else:
-
-        def one_block(j, carry):
-            first = j * DECODE_BLOCK
-            kb = jax.lax.dynamic_slice_in_dim(k_cache, first, DECODE_BLOCK, axis=2)
-            vb = jax.lax.dynamic_slice_in_dim(v_cache, first, DECODE_BLOCK, axis=2)
-            return _fold(carry, scores(kb, first), vb)
-
-        init = (jnp.full(q.shape[:3], NEG_INF, F32), jnp.zeros(q.shape[:3], F32), jnp.zeros(q.shape, F32))
-        m, denom, acc = jax.lax.fori_loop(0, span // DECODE_BLOCK + 1, one_block, init)
-        out = acc / denom[..., None]
-    return out.reshape(b, 1, h, dh).astype(v_cache.dtype)
+        carry = jax.lax.fori_loop(0, blocks, lambda j, c: fold(c, j * DECODE_BLOCK, DECODE_BLOCK), carry)
+    _, denom, acc = carry
+    return (acc / denom[..., None]).reshape(b, 1, h, dh).astype(v_cache.dtype)
 
 
 def block(cfg: ModelConfig, p: dict, x, positions, attend, capture: frozenset[str], edit=None, edit_kind=None):

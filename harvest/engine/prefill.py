@@ -47,29 +47,17 @@ def prefill_chunk(
     rows = jnp.minimum(chunk.slot, state.num_slots - 1)  # idle lanes read some slot; their writes drop
     positions = chunk.start[:, None] + jnp.arange(c, dtype=jnp.int32)  # [R, C]
     x = model.embed(params, chunk.tokens)  # [R, C, D]
-    prior = (
-        (
-            jnp.stack([k[rows] for k, _ in state.cache]),  # [L, R, K, S_max, Dh]
-            jnp.stack([v[rows] for _, v in state.cache]),
-        )
-        if state.cache
-        else None
-    )
+    prior = tuple(a[:, rows] for a in state.cache) or None  # (k, v) [L, R, K, S_max, Dh]
 
     def attend(q, k, v, layer_prior):
         pk, pv = layer_prior
         return model.chunk_attention(q, k, v, pk, pv, chunk.start, c), (k, v)
 
     x, ys, acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior, edit, edit_params)
-    new_k, new_v = ys if state.cache else ((), ())  # [L, R, C, K, Dh]
-    cols = positions  # [R, C]
-    slots = chunk.slot[:, None]  # [R, 1]
+    slots, cols = chunk.slot[:, None], positions  # [R, 1], [R, C]: every layer's columns in one scatter each
     cache = tuple(
-        (
-            k.at[slots, :, cols].set(new_k[i], mode="drop"),  # update [R, C, K, Dh]
-            v.at[slots, :, cols].set(new_v[i], mode="drop"),
-        )
-        for i, (k, v) in enumerate(state.cache)
+        a.at[:, slots, :, cols].set(new.transpose(1, 2, 0, 3, 4), mode="drop")  # update [R, C, L, K, Dh]
+        for a, new in zip(state.cache, ys or ())  # ys: (k, v) [L, R, C, K, Dh]
     )
     if not arm:
         return constrain_state(dataclasses.replace(state, cache=cache)), constrain_rows(acts)
@@ -108,9 +96,7 @@ def fork(state: SlotState, source, target, whole, prompt_length, sequence_ids, s
     identical (prompt_length [M] tokens), so the target is armed at once, with its own RNG key, from the
     source's prompt-end logits, which stay while the source decodes. Unused rows: target = N (their
     writes drop), any valid source."""
-    cache = tuple(
-        (k.at[target].set(k[source], mode="drop"), v.at[target].set(v[source], mode="drop")) for k, v in state.cache
-    )
+    cache = tuple(a.at[:, target].set(a[:, source], mode="drop") for a in state.cache)  # [L, N, K, S_max, Dh]
     state = dataclasses.replace(state, cache=cache)
     armed = jnp.where(whole, target, state.num_slots)
     state = arm_slots(state, armed, state.prompt_logits[source], prompt_length, row_keys(seed, sequence_ids))

@@ -81,10 +81,10 @@ def split_axes(cfg: ModelConfig, model: int) -> dict[str, bool]:
 
 
 def state_specs(state: SlotState, model: int) -> SlotState:
-    """Every [N, ...] array's rows over `data`; the cache [N, K, S, Dh] also its KV heads over `model` when
-    `model` divides them. Read off the shapes, so the same rule serves inside and outside a jit."""
-    kv_heads = state.cache[0][0].shape[1] if state.cache else 0
-    kv = PartitionSpec("data", "model" if model > 1 and kv_heads % model == 0 else None)
+    """Every [N, ...] array's rows over `data`; the cache [L, N, K, S, Dh] its rows and also its KV heads over
+    `model` when `model` divides them. Read off the shapes, so the same rule serves inside and outside a jit."""
+    kv_heads = state.cache[0].shape[2] if state.cache else 0
+    kv = PartitionSpec(None, "data", "model" if model > 1 and kv_heads % model == 0 else None)
     rows = jax.tree.map(lambda a: PartitionSpec("data") if a.size else PartitionSpec(), state)  # XLA drops 0-size
     return dataclasses.replace(rows, cache=jax.tree.map(lambda _: kv, state.cache))
 

@@ -6,7 +6,9 @@ straight into a free slot's cache; decode advances every live slot; the host rea
 slot's outputs and hands the slot to the next prompt. Nothing of a previous occupant is ever
 visible to the next one: attention only reads cache columns below the slot's own length.
 
-Cache layout, per layer and slot (S_max = the longest prompt rounded up to the prefill chunk, plus T;
+Cache layout: one key and one value array for all layers, [L, N, K, S_max, Dh], so a phase writes every
+layer's columns in one scatter (a kernel per scatter is what XLA:CPU spends its compile time on). Per layer
+and slot (S_max = the longest prompt rounded up to the prefill chunk, plus T;
 on a CPU rounded up to whole blocks of the bounded decode attention, model.DECODE_BLOCK):
 
     columns  0 .. n-1         | n .. n+t-1                  | beyond
@@ -24,7 +26,7 @@ from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Hook
 from harvest.engine.stopping import STOP_NONE
 
-Cache = tuple[tuple[jax.Array, jax.Array], ...]  # per layer (k, v), each [N, K, S_max, Dh]
+Cache = tuple[jax.Array, jax.Array] | tuple[()]  # (k, v), each [L, N, K, S_max, Dh]; () with no layers
 
 
 @jax.tree_util.register_dataclass
@@ -54,9 +56,9 @@ def empty_state(
     cfg: ModelConfig, num_slots: int, cache_len: int, max_new_tokens: int, hooks: tuple[Hook, ...], n_stop: int, dtype
 ) -> SlotState:
     n = num_slots
-    kv = (n, cfg.n_kv_heads, cache_len, cfg.head_dim)  # heads before columns: attention reads [K, S, Dh] blocks
+    kv = (cfg.n_layers, n, cfg.n_kv_heads, cache_len, cfg.head_dim)  # heads before columns: [K, S, Dh] blocks
     return SlotState(
-        cache=tuple((jnp.zeros(kv, dtype), jnp.zeros(kv, dtype)) for _ in range(cfg.n_layers)),
+        cache=(jnp.zeros(kv, dtype), jnp.zeros(kv, dtype)) if cfg.n_layers else (),
         logits=jnp.zeros((n, cfg.vocab_size), jnp.float32),
         prompt_logits=jnp.zeros((n, cfg.vocab_size), jnp.float32),
         length=jnp.zeros((n,), jnp.int32),

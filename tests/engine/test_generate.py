@@ -97,7 +97,8 @@ def test_reused_slot_never_sees_the_previous_occupant(loaded_tiny):
     fresh = gen(lm, batch_size=1, decode_slots=1, prefill_hooks=hooks, decode_hooks=hooks).generate([prompt], [0])[0]
     g = gen(lm, batch_size=1, decode_slots=1, prefill_hooks=hooks, decode_hooks=hooks)
     g.generate([list(random_ids(600, 78))], [1])  # a long previous occupant
-    poisoned = tuple((jnp.full_like(k, 1e4), jnp.full_like(v, -1e4)) for k, v in g._state.cache)
+    k, v = g._state.cache
+    poisoned = (jnp.full_like(k, 1e4), jnp.full_like(v, -1e4))
     g._state = dataclasses.replace(g._state, cache=poisoned)
     again = g.generate([prompt], [0])[0]
     np.testing.assert_array_equal(again.tokens, fresh.tokens)

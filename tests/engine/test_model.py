@@ -9,7 +9,7 @@ import pytest
 
 from harvest.engine.generate import GenerateConfig, Generator
 from harvest.engine.hooks import HookError, parse_hooks
-from harvest.engine.model import DECODE_BLOCK, cached_attention
+from harvest.engine.model import DECODE_BLOCK, cached_attention, decode_blocks
 from harvest.engine.model import logits as lm_logits
 from harvest.engine.prefill import forward
 from helpers.models import hf_forward, random_ids
@@ -188,32 +188,52 @@ def test_ln_final_refuses_a_truncated_model(loaded_tiny):
         forward(cfg, params, jnp.zeros((1, 8), jnp.int32), hooks=hooks)
 
 
-def test_bounded_decode_attention_equals_one_pass():
-    """Reading only the blocks up to `span` gives the one-pass result for every row whose length is
-    within span, across block edges, in float32 and bfloat16; the single pass also serves a cache that
-    is not a whole number of blocks."""
+def direct_decode_attention(q, k, v, k_cache, v_cache, layer, length):
+    """The definition, in float64: each head's softmax over its layer's cache columns [0, length) and its own key."""
+    b, _, h, dh = q.shape
+    g = h // k.shape[2]
+    out = np.zeros((b, 1, h, dh))
+    for r in range(b):
+        for head in range(h):
+            kv = head // g
+            keys = np.concatenate([k_cache[layer, r, kv, : length[r]], k[r, 0, kv][None]])
+            vals = np.concatenate([v_cache[layer, r, kv, : length[r]], v[r, 0, kv][None]])
+            s = keys @ q[r, 0, head] / np.sqrt(dh)
+            p = np.exp(s - s.max())
+            out[r, 0, head] = p @ vals / p.sum()
+    return out
+
+
+def test_decode_attention_reads_its_layer_below_length_and_its_own_key():
+    """A decode query attends to its layer's cache columns [0, length) and to its own key and value (not
+    yet in the cache): equal to the direct softmax over exactly those, in one pass and bounded by `span`
+    across block edges, in float32 and bfloat16. Columns from `length` on and the other layers never count
+    (they are poisoned), and a cache that is not a whole number of blocks gets the single pass."""
     rng = np.random.default_rng(0)
-    b, kh, g, dh, blocks = 6, 2, 3, 16, 4
-    s_max = blocks * DECODE_BLOCK
-    q = rng.normal(size=(b, 1, kh * g, dh)).astype(np.float32)
-    k = rng.normal(size=(b, kh, s_max, dh)).astype(np.float32) * 3
-    v = rng.normal(size=(b, kh, s_max, dh)).astype(np.float32)
+    n_layers, layer, b, kh, g, dh = 3, 1, 6, 2, 3, 16
+    s_max = 4 * DECODE_BLOCK
+    q = rng.normal(size=(b, 1, kh * g, dh))
+    k, v = rng.normal(size=(b, 1, kh, dh)) * 3, rng.normal(size=(b, 1, kh, dh))
+    k_cache, v_cache = rng.normal(size=(n_layers, b, kh, s_max, dh)) * 3, rng.normal(size=(n_layers, b, kh, s_max, dh))
     length = np.array([0, 1, DECODE_BLOCK - 1, DECODE_BLOCK, 2 * DECODE_BLOCK + 5, s_max - 1], np.int32)
-    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
-        qq, kk, vv = (jnp.asarray(a, dtype) for a in (q, k, v))
-        full = np.asarray(cached_attention(qq, kk, vv, length), np.float32)
-        for span in (int(length.max()), s_max - 1):
-            got = np.asarray(cached_attention(qq, kk, vv, length, jnp.int32(span)), np.float32)
-            np.testing.assert_allclose(got, full, atol=tol, rtol=0)
-        # span below some rows: the rows within it are still exact (the others are dead slots: ignored)
-        got = np.asarray(cached_attention(qq, kk, vv, length, jnp.int32(DECODE_BLOCK)), np.float32)
-        np.testing.assert_allclose(got[:4], full[:4], atol=tol, rtol=0)
-        # a masked column never counts: poison everything past each row's length
-        past = np.arange(s_max)[None, None, :, None] > length[:, None, None, None]
-        kp, vp = (jnp.asarray(np.where(past, 1e4, a), dtype) for a in (k, v))
-        got = np.asarray(cached_attention(qq, kp, vp, length, jnp.int32(s_max - 1)), np.float32)
-        np.testing.assert_allclose(got, full, atol=tol, rtol=0)
+    past = np.arange(s_max)[None, None, :, None] >= length[:, None, None, None]  # [B, 1, S, 1]
+    poisoned = [np.full_like(c, sign * 1e4) for c, sign in ((k_cache, 1), (v_cache, -1))]
+    for c, p in zip((k_cache, v_cache), poisoned):
+        p[layer] = np.where(past, p[layer], c[layer])
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        args = [jnp.asarray(a, dtype) for a in (q, k, v, *poisoned)]
+        want = direct_decode_attention(*(np.asarray(a, np.float64) for a in args), layer, length)
+        for blocks in (None, decode_blocks(jnp.int32(length.max())), decode_blocks(jnp.int32(s_max))):
+            got = cached_attention(*args, layer, length, blocks)
+            np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol, rtol=0)
+        # blocks below some rows: the rows within them are still exact (the others are dead slots: ignored)
+        got = cached_attention(*args, layer, length, jnp.int32(1))
+        np.testing.assert_allclose(np.asarray(got, np.float64)[:4], want[:4], atol=tol, rtol=0)
     odd = s_max - 7  # not a whole number of blocks: one pass, whatever the span
-    want = cached_attention(q, k[:, :, :odd], v[:, :, :odd], np.minimum(length, odd - 1))
-    got = cached_attention(q, k[:, :, :odd], v[:, :, :odd], np.minimum(length, odd - 1), jnp.int32(odd - 1))
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    short = [jnp.asarray(c[..., :odd, :], jnp.float32) for c in poisoned]
+    length = np.minimum(length, odd)
+    want = direct_decode_attention(q, k, v, *(np.asarray(c, np.float64) for c in short), layer, length)
+    qkv = [jnp.asarray(a, jnp.float32) for a in (q, k, v)]
+    for blocks in (None, decode_blocks(jnp.int32(odd))):
+        got = cached_attention(*qkv, *short, layer, length, blocks)
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-5, rtol=0)

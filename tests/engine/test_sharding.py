@@ -93,7 +93,7 @@ for kv in (4, 2):
             "q_w": spec(gen.params["layers"][0]["q_w"]),
             "stacked_k_w": spec(gen.params["stacked"]["k_w"]),  # prefill's copy: split like the layers'
             "stacked_q_w": spec(gen.params["stacked"]["q_w"]),
-            "cache": spec(full_pool._state.cache[0][0]),
+            "cache": spec(full_pool._state.cache[0]),
         }
 print("RESULT " + json.dumps(out))
 """
@@ -148,7 +148,7 @@ def test_mesh_run_equals_one_device(mesh_runs, name):
 
 def test_weights_and_cache_split_by_their_heads(mesh_runs):
     split, replicated = mesh_runs["kv4-2x4"], mesh_runs["kv2-2x4"]
-    assert split["k_w"] == str(P("model", None)) and split["cache"] == str(P("data", "model"))
+    assert split["k_w"] == str(P("model", None)) and split["cache"] == str(P(None, "data", "model"))
     # 2 KV heads do not split over model=4: K/V weights and cache are replicated over `model`
     assert replicated["k_w"] == str(P(None, None)) and "model" not in replicated["cache"]
     assert replicated["q_w"] == str(P("model", None))  # the 8 query heads still split
