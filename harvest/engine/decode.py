@@ -23,7 +23,7 @@ from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Edit, Hook
 from harvest.engine.sampling import SamplingConfig, sample
 from harvest.engine.sharding import constrain_state
-from harvest.engine.state import SlotState, StopTables
+from harvest.engine.state import SlotState, StopTables, write_columns
 from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_STRING
 
 
@@ -74,12 +74,7 @@ class NewColumns:
         return NewColumns(jnp.full((n,), s_max, jnp.int32), zeros, zeros)
 
     def write(self, cache):
-        rows = jnp.arange(self.col.shape[0])
-        k, v = cache
-        return (
-            k.at[:, rows, :, self.col].set(self.k, mode="drop"),  # update [N, L, K, Dh]
-            v.at[:, rows, :, self.col].set(self.v, mode="drop"),
-        )
+        return write_columns(cache, jnp.arange(self.col.shape[0]), self.col, (self.k, self.v))
 
 
 def decode_step(

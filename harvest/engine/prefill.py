@@ -23,7 +23,7 @@ from harvest.engine.config import ModelConfig
 from harvest.engine.hooks import Edit, Hook
 from harvest.engine.sampling import row_keys
 from harvest.engine.sharding import constrain_rows, constrain_state
-from harvest.engine.state import PrefillChunk, SlotState
+from harvest.engine.state import PrefillChunk, SlotState, write_columns
 from harvest.engine.stopping import STOP_NONE
 
 
@@ -54,11 +54,8 @@ def prefill_chunk(
         return model.chunk_attention(q, k, v, pk, pv, chunk.start, c), (k, v)
 
     x, ys, acts = model.scan_layers(cfg, params, x, positions, attend, hooks, prior, edit, edit_params)
-    slots, cols = chunk.slot[:, None], positions  # [R, 1], [R, C]: every layer's columns in one scatter each
-    cache = tuple(
-        a.at[:, slots, :, cols].set(new.transpose(1, 2, 0, 3, 4), mode="drop")  # update [R, C, L, K, Dh]
-        for a, new in zip(state.cache, ys or ())  # ys: (k, v) [L, R, C, K, Dh]
-    )
+    new = tuple(a.transpose(1, 2, 0, 3, 4) for a in ys or ())  # ys: (k, v) [L, R, C, K, Dh] -> [R, C, L, K, Dh]
+    cache = write_columns(state.cache, chunk.slot[:, None], positions, new)
     if not arm:
         return constrain_state(dataclasses.replace(state, cache=cache)), constrain_rows(acts)
     last_x = jnp.take_along_axis(x, jnp.maximum(chunk.n_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]

@@ -73,6 +73,12 @@ def empty_state(
     )
 
 
+def write_columns(cache: Cache, slots, cols, new: tuple) -> Cache:
+    """Every layer's keys and values into their cache columns, one scatter per array. slots and cols
+    broadcast to one index shape I (slot N or column S_max: the write drops); new: (k, v), each [*I, L, K, Dh]."""
+    return tuple(a.at[:, slots, :, cols].set(u, mode="drop") for a, u in zip(cache, new))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PrefillChunk:

@@ -206,7 +206,7 @@ def direct_decode_attention(q, k, v, k_cache, v_cache, layer, length):
 
 def test_decode_attention_reads_its_layer_below_length_and_its_own_key():
     """A decode query attends to its layer's cache columns [0, length) and to its own key and value (not
-    yet in the cache): equal to the direct softmax over exactly those, in one pass and bounded by `span`
+    yet in the cache): equal to the direct softmax over exactly those, in one pass and bounded to the blocks needed
     across block edges, in float32 and bfloat16. Columns from `length` on and the other layers never count
     (they are poisoned), and a cache that is not a whole number of blocks gets the single pass."""
     rng = np.random.default_rng(0)
@@ -229,7 +229,7 @@ def test_decode_attention_reads_its_layer_below_length_and_its_own_key():
         # blocks below some rows: the rows within them are still exact (the others are dead slots: ignored)
         got = cached_attention(*args, layer, length, jnp.int32(1))
         np.testing.assert_allclose(np.asarray(got, np.float64)[:4], want[:4], atol=tol, rtol=0)
-    odd = s_max - 7  # not a whole number of blocks: one pass, whatever the span
+    odd = s_max - 7  # not a whole number of blocks: one pass, whatever the blocks
     short = [jnp.asarray(c[..., :odd, :], jnp.float32) for c in poisoned]
     length = np.minimum(length, odd)
     want = direct_decode_attention(q, k, v, *(np.asarray(c, np.float64) for c in short), layer, length)
