@@ -224,10 +224,8 @@ def bench_prefill(cfg, params, hooks, counts, peaks, *, lanes, chunk, plen, new_
     """prefill_chunk on a pool of `lanes` slots: one P-token prompt per lane, P / C calls per prompt."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     from harvest.engine.prefill import prefill_chunk
-    from harvest.engine.sampling import row_keys
     from harvest.engine.state import PrefillChunk, empty_state
 
     n_chunks = max(1, plen // chunk)
@@ -236,10 +234,10 @@ def bench_prefill(cfg, params, hooks, counts, peaks, *, lanes, chunk, plen, new_
     state = empty_state(cfg, lanes, cache_len, new_tokens, (), 0, params["embed"].dtype)
     tokens = jax.random.randint(jax.random.key(1), (n_chunks, lanes, chunk), 0, cfg.vocab_size, jnp.int32)
     slot = jnp.arange(lanes, dtype=jnp.int32)
-    keys = row_keys(0, np.arange(lanes))
+    ids = jnp.arange(lanes, dtype=jnp.uint32)
     full = lambda v, dtype=jnp.int32: jnp.full((lanes,), v, dtype)
     chunks = [
-        PrefillChunk(slot, tokens[i], full(i * chunk), full(chunk), full(i == n_chunks - 1, bool), keys)
+        PrefillChunk(slot, tokens[i], full(i * chunk), full(chunk), full(i == n_chunks - 1, bool), ids, jnp.uint32(0))
         for i in range(n_chunks)
     ]
     jax.block_until_ready((state, chunks))

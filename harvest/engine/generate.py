@@ -39,7 +39,7 @@ from harvest.engine.hooks import Edit, Hook, layers_needed
 from harvest.engine.model import DECODE_BLOCK, bounded_decode_attention
 from harvest.engine.params import with_stacked
 from harvest.engine.prefill import fork, prefill_chunk
-from harvest.engine.sampling import SamplingConfig, row_keys
+from harvest.engine.sampling import SamplingConfig
 from harvest.engine.sharding import Placement
 from harvest.engine.slots import InFlight, Lanes, choose_donor, prompt_key
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
@@ -135,6 +135,9 @@ class Finished:
     logprob: float  # sum of the model's log-probabilities of the generated tokens (before temperature)
     prefill_acts: dict[str, np.ndarray]  # hook name -> [prompt_length, width]
     decode_acts: dict[str, np.ndarray]  # hook name -> [t, width]
+
+
+EMPTY_STATE = jax.jit(empty_state, static_argnums=tuple(range(7)))
 
 
 class CompileCounter:
@@ -374,12 +377,13 @@ class Generator:
         if self._make_empty is None:
             g = self.gcfg
             dtype, n_stop = self.params["embed"].dtype, self.tables.num_strings
-            make = functools.partial(
-                empty_state, self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, n_stop, dtype
-            )
-            # on a mesh, built in place: no [N, ...] array is ever whole on one device; compiled once per generator
+            args = (self.cfg, g.pool_slots, g.cache_len, g.max_new_tokens, g.decode_hooks, n_stop, dtype)
+            # one program (run eagerly, each zeros array and the keys were programs of their own to compile),
+            # shared by generators of the same shapes; on a mesh, built in place: no [N, ...] array is ever
+            # whole on one device
+            make = functools.partial(empty_state, *args)
             self._make_empty = (
-                make
+                functools.partial(EMPTY_STATE, *args)
                 if self.placement is None
                 else jax.jit(make, out_shardings=self.placement.state_shardings(jax.eval_shape(make)))
             )
@@ -420,7 +424,7 @@ class Generator:
             seq.pieces.append((len(calls), r, len(piece)))
             seq.next_chunk += 1
             last[r] = begin + c >= len(seq.prompt)
-        chunk = PrefillChunk(slot, tokens, start, n_valid, last, row_keys(g.seed, ids))
+        chunk = PrefillChunk(slot, tokens, start, n_valid, last, ids, np.uint32(g.seed))
         if self.placement is not None:
             chunk = self.placement.put_chunk(chunk)
         with self._on_mesh():

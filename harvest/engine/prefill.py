@@ -61,7 +61,8 @@ def prefill_chunk(
     last_x = jnp.take_along_axis(x, jnp.maximum(chunk.n_valid - 1, 0)[:, None, None], axis=1)[:, 0]  # [R, D]
     armed = jnp.where(chunk.last, chunk.slot, state.num_slots)  # lanes that finish their prompt now
     logits = model.logits(cfg, params, last_x)  # [R, V]
-    state = arm_slots(dataclasses.replace(state, cache=cache), armed, logits, chunk.start + chunk.n_valid, chunk.keys)
+    keys = row_keys(chunk.seed, chunk.sequence_id)  # [R]
+    state = arm_slots(dataclasses.replace(state, cache=cache), armed, logits, chunk.start + chunk.n_valid, keys)
     return constrain_state(state), constrain_rows(acts)
 
 

@@ -150,5 +150,5 @@ class Placement:
         )
 
     def put_chunk(self, chunk: PrefillChunk) -> PrefillChunk:
-        """A prefill call's lanes over `data`."""
-        return jax.device_put(chunk, jax.tree.map(lambda _: self._named("data"), chunk))
+        """A prefill call's lanes over `data` (the scalar seed: replicated)."""
+        return jax.device_put(chunk, jax.tree.map(lambda a: self._named(*("data",)[: np.ndim(a)]), chunk))

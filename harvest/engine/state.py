@@ -90,7 +90,8 @@ class PrefillChunk:
     start: jax.Array  # [R] int32: the chunk's first position, a multiple of C
     n_valid: jax.Array  # [R] int32: real tokens in the chunk
     last: jax.Array  # [R] bool: the prompt's final chunk: the slot starts decoding after this call
-    keys: jax.Array  # [R] RNG keys of the prompts' sequences
+    sequence_id: jax.Array  # [R] uint32: with the seed, the RNG key of each prompt's sequence (sampling.row_keys)
+    seed: jax.Array  # [] uint32: the run's seed; both traced, so the keys cost no program of their own
 
 
 @jax.tree_util.register_dataclass

@@ -13,7 +13,9 @@ code (trust_remote_code) are refused.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -221,12 +223,21 @@ def _load_folder(folder: Path, source: str, dtype: str, jdtype) -> LoadedModel:
         )
     cfg = model_config(hf, cfg_file)
     files = safetensors_files(folder)
+    leaves = {}
     with TensorIndex(files) as tensors:
-        leaves = {leaf.path: tensors.load(leaf.hf_name, leaf.shape, jdtype) for leaf in P.iter_specs(cfg)}
+        for _, group in itertools.groupby(P.iter_specs(cfg), key=_load_group):
+            group = list(group)
+            loaded = tensors.load_all([(leaf.hf_name, leaf.shape) for leaf in group], jdtype)
+            leaves |= {leaf.path: value for leaf, value in zip(group, loaded)}
     params = P.assemble(cfg, leaves)
     gen_file = folder / "generation_config.json"
     gen = read_json(gen_file) if gen_file.is_file() else None
     return LoadedModel(cfg, params, hf, eos_ids_for(hf, gen, cfg.vocab_size), source, folder, tuple(files), dtype)
+
+
+def _load_group(leaf: P.Leaf) -> tuple:
+    """Tensors loaded together: the globals, then each layer's (P.iter_specs' order)."""
+    return leaf.path[:2] if leaf.path[0] == "layers" else ()
 
 
 def safetensors_files(folder: Path) -> list[Path]:
@@ -297,12 +308,38 @@ class TensorIndex:
         return self._maps[f][start:end].view(_SAFETENSORS_DTYPES[stored]).reshape(shape)
 
     def load(self, name: str, shape: tuple[int, ...], dtype) -> jax.Array:
-        # Cast on whichever side of the copy to JAX holds the smaller array: narrow (f32 -> bf16) with
-        # numpy on the host, widen (bf16 -> f32) in XLA, which is also much faster than numpy's bf16 cast.
-        host, target = self.host_view(name, shape), jnp.dtype(dtype)
-        if target.itemsize < host.dtype.itemsize:
-            host = host.astype(target)
-        return jnp.asarray(host).astype(target)
+        """One tensor on the device in `dtype` (load_all for many)."""
+        return self.load_all([(name, shape)], dtype)[0]
+
+    def load_all(self, tensors: list[tuple[str, tuple[int, ...]]], dtype) -> list[jax.Array]:
+        """[(name, shape)] -> the tensors on the device in `dtype`, in buffers of their own.
+
+        Narrowing (f32 -> bf16) is done by numpy on the host, so the smaller array is copied. Everything
+        else goes through one XLA program per list: widening (bf16 -> f32) is much faster there than in
+        numpy, and a tensor already in `dtype` is copied there, because on a CPU `jax.device_put` of a
+        read-only memory map aliases the file (a checkpoint rewritten during a run would change its
+        weights; test_loaded_weights_are_copies_not_views_of_the_file). Cast one by one, every distinct
+        shape was a program to compile (12 at 0.5B, 0.85 s).
+        Pass one layer at a time: its mapped or narrowed copies are the only extra memory."""
+        target = jnp.dtype(dtype)
+        arrays, mapped = [], []  # mapped: indices of arrays that may still be views of a file
+        for name, shape in tensors:
+            host = self.host_view(name, shape)
+            if target.itemsize < host.dtype.itemsize:
+                host = host.astype(target)  # a new, writable array: device_put copies it
+            else:
+                mapped.append(len(arrays))
+            arrays.append(jax.device_put(host))  # jnp.asarray would compile a program per shape
+        if mapped:
+            for i, a in zip(mapped, _own_copies(tuple(arrays[i] for i in mapped), target)):
+                arrays[i] = a
+        return arrays
+
+
+@functools.partial(jax.jit, static_argnames="dtype")
+def _own_copies(arrays: tuple, dtype) -> tuple:
+    """Each array in `dtype`, in a new buffer: a program's outputs never alias its (undonated) inputs."""
+    return tuple(a.astype(dtype) for a in arrays)
 
 
 def _read_header(f: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:

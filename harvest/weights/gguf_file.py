@@ -172,7 +172,7 @@ class GGUFFile:
         return out
 
     def load(self, name: str, dtype, shape: tuple[int, ...] | None = None) -> jax.Array:
-        return jnp.asarray(self.load_numpy(name, jnp.dtype(dtype), shape))
+        return jax.device_put(self.load_numpy(name, jnp.dtype(dtype), shape))  # jnp.asarray: a compile per shape
 
 
 def load_gguf(path: Path, dtype) -> tuple[dict[str, Any], dict[tuple, jax.Array]]:

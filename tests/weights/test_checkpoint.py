@@ -253,6 +253,26 @@ def test_every_float_dtype_is_cast_on_load(dtype, hf_tiny, tmp_path):
         np.testing.assert_array_equal(np.asarray(x), want, err_msg=name)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loaded_weights_are_copies_not_views_of_the_file(dtype, hf_tiny, tmp_path):
+    """Stored in the compute dtype, a tensor needs no cast, yet it must not alias the memory map (on a CPU,
+    jax.device_put of a read-only array shares its memory): rewriting the file in place after loading
+    leaves the loaded weights as they were."""
+    model, folder = hf_tiny
+    shutil.copytree(folder, tmp_path / "m")
+    st = tmp_path / "m" / "model.safetensors"
+    rewrite_weights(tmp_path / "m", lambda t: t.update({n: t[n].astype(jnp.dtype(dtype)) for n in t}))
+    lm = load_model(str(tmp_path / "m"), dtype)
+    loaded = {"embed": lm.params["embed"], "q_w": lm.params["layers"][1]["q_w"]}
+    before = {k: np.asarray(v).copy() for k, v in loaded.items()}
+    header = 8 + int.from_bytes(st.read_bytes()[:8], "little")
+    with open(st, "r+b") as f:  # in place: the same inode, so a mapping of it would see the new bytes
+        f.seek(header)
+        f.write(b"\x7f" * (st.stat().st_size - header))
+    for k, v in loaded.items():
+        np.testing.assert_array_equal(np.asarray(v), before[k], err_msg=k)
+
+
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused(hf_tiny, tmp_path):
     """Ids past vocab_size would silently read clamped embedding rows: refuse, naming the folder."""
     _, folder = hf_tiny
