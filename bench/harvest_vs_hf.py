@@ -31,7 +31,8 @@ every test input is one sequence; harvest gets the chosen ids as data.tasks):
            harvest: generation.max_new_tokens 0, capture.phases [prefill] (it stops after layer n/4 and runs
            no LM head); transformers: one forward pass per batch with output_hidden_states=True.
   rss      harvest only: peak RSS of random:0.5b runs (--rss-model; random:tiny with --quick), 8 forced new tokens,
-           data.limit = each of --rss-tasks, data.max_prompt_tokens 1024.
+           data.limit = each of --rss-tasks, data.max_prompt_tokens 1024; then one long prompt: the ARC-AGI-2
+           training task whose base prompt is the longest within --rss-long tokens (9,216).
 Hooks: blocks.{n/4, n/2, 3n/4}.hook_resid_post (6/12/18 for 24 layers), float16, every prompt token
 and every generated token up to and including the stop token. transformers' hidden_states[L + 1] is
 resid_post of layer L; the final token of rows still running at the last step was never fed to the
@@ -521,7 +522,34 @@ def rss_workload(args, tmp: Path) -> dict:
         rows.append(dict(tasks=n, sequences=summary.get("sequences"), prompt_tokens=summary["session"]["prompt_tokens"],
                          seconds=secs, peak_rss_gib=rss))  # fmt: skip
         print(f"| {n} | {rows[-1]['sequences']} | {rows[-1]['prompt_tokens']} | {secs:.1f} | {rss:.2f} |")
-    return {"rows": rows, "model": model}
+    long = None
+    if args.rss_long:  # one long prompt: the ARC-AGI-2 training task whose base prompt is longest within the limit
+        task_id, n_tok = longest_prompt_task(args.rss_long)
+        gen = {"max_new_tokens": 8, "fixed_length": True}
+        data = {"source": "arc-agi-2", "split": "training", "tasks": [task_id], "max_prompt_tokens": args.rss_long}
+        cfg = harvest_config(model, args.dtype, layers, args.batch, tmp / "rss-long", data, False, gen)
+        summary, secs, rss = run_harvest("rss-long", cfg, tmp, args.harvest_set)
+        long = dict(task=task_id, prompt_tokens=summary["session"]["prompt_tokens"], seconds=secs, peak_rss_gib=rss)
+        print(f"| ARC-AGI-2 training {task_id}, one {n_tok}-token prompt | 1 | {n_tok} | {secs:.1f} | {rss:.2f} |")
+    return {"rows": rows, "long_prompt": long, "model": model}
+
+
+def longest_prompt_task(limit: int) -> tuple[str, int]:
+    """(task id, prompt tokens) of the ARC-AGI-2 training task with one test input whose base prompt is the
+    longest of at most `limit` tokens (harvest's own prompt builder and packaged tokenizer)."""
+    from harvest import arc
+    from harvest.weights.checkpoint import load_tokenizer
+
+    tokenizer = load_tokenizer(TOKENIZER)
+    tasks, _ = arc.load_tasks("arc-agi-2", "training", seed=None)
+    builder = arc.PromptBuilder(tokenizer, arc.PromptConfig(chat=False))
+    fits = []  # (tokens, task id)
+    for task in tasks:
+        seqs = arc.make_sequences([task])
+        if len(seqs) == 1 and (n := len(builder.build(seqs[0]).token_ids)) <= limit:
+            fits.append((n, task.id))
+    n, task_id = max(fits)
+    return task_id, n
 
 
 def main() -> None:
@@ -534,6 +562,7 @@ def main() -> None:
     ap.add_argument("--harvest-set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--rss-tasks", default="50,100,400", help="rss workload: data.limit values")
     ap.add_argument("--rss-model", default=None, help="rss workload: random preset (default random:0.5b)")
+    ap.add_argument("--rss-long", type=int, default=9216, help="rss workload: one more run, prompt <= this (0: none)")
     ap.add_argument("--json", help="also write every number here")
     ap.add_argument("--keep", action="store_true", help="keep the temp folder (configs, logs, outputs)")
     ap.add_argument("--quick", action="store_true", help="smoke mode: tiny random model, 2 tasks, 16 new tokens")
