@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from harvest import hostmem
 from harvest.errors import HarvestError
 from harvest.store.format import PHASES
 from harvest.store.runfolder import StoreError
@@ -179,6 +180,8 @@ class BackgroundWriter:
                     self._stats.copy_seconds += time.perf_counter() - t0
                 for rec in records:
                     self._add(rec)
+                del item, records  # the engine's arrays for this sequence: free them before trimming
+                hostmem.release()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread
             self._error = e
 
@@ -200,6 +203,7 @@ class BackgroundWriter:
         info = self._shard.write(self._next_index, self._pending)
         self._next_index += self._stride
         self._pending, self._pending_bytes = [], 0
+        hostmem.release(force=True)  # a whole shard's buffers were just freed
         with self._lock:
             s = self._stats
             s.write_seconds += time.perf_counter() - t0
