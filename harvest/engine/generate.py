@@ -6,10 +6,11 @@
     outs = gen.generate([ids_a, ids_b], sequence_ids=[0, 1])  # all at once, in input order
 
 The pool has `decode_slots` slots. Each round: free slots take the next prompts in the given order; the
-prompts are prefilled into their slots by `batch_size` lanes, chunk by chunk (a call runs only with every
-lane busy while more prompts wait; a half-prefilled prompt keeps its lane for the next round; when at most
-half the lanes are busy, their chunks go in calls `narrow_lanes` wide, which cost less); then one
-decode segment runs until enough rows finish to fill the idle lanes (or `segment_steps` steps), and
+prompts are prefilled into their slots by `batch_size` lanes, chunk by chunk (while more prompts wait, a
+round runs only with at least `narrow_lanes` lanes busy, a narrow call costing per lane what a full one
+does; a half-prefilled prompt keeps its lane for the next round; when at most half the lanes are busy,
+their chunks go in calls `narrow_lanes` wide); then one decode segment runs until enough rows finish to
+fill a narrow call's lanes (or `segment_steps` steps), so freed slots refill soon, and
 finished slots are read and handed back. At the end, when no prompt waits and at most `tail_slots` rows
 are live, they move to a small pool. Shapes never depend on the prompts: a stream compiles at most two
 prefill programs (full and narrow calls) and two decode programs (full pool, tail pool), whatever the
@@ -191,6 +192,9 @@ class Generator:
                 self.placement.check_rows("narrow_lanes", gcfg.narrow_lanes)
             params = self.placement.put_params(params)
             edit_params = None if edit_params is None else self.placement.replicated(edit_params)
+        # the fewest prompts a prefill round waits for while others decode: a narrow call moves them as
+        # cheaply per lane as a full one, and the pool's freed slots fill again sooner
+        self.round_lanes = self.narrow or gcfg.batch_size
         params = with_stacked(params, keep_layers=not gcfg.prefill_only)  # prefill scans it; decode reads "layers"
         if self.placement is not None:
             params = self.placement.put_params(params)  # pins the stack's propagated sharding
@@ -310,10 +314,10 @@ class Generator:
                 (lanes.pending if seq.donor is not None else lanes.waiting).append(seq)
 
     def _slots_wanted(self, queue: collections.deque, occupant: list, lanes: Lanes) -> int:
-        """Free slots to stop decoding for: as many as a full prefill call lacks, but just one when the
-        next prompt needs no full call: a copy of a prompt in flight starts at once (prefill.fork), and
-        one followed by enough queued copies fills a call by itself."""
-        short, head = lanes.shortfall, queue[0]
+        """Free slots to stop decoding for: as many as a round of prefill lacks (`round_lanes`), but just
+        one when the next prompt needs no call of its own: a copy of a prompt in flight starts at once
+        (prefill.fork), and one followed by enough queued copies makes up a round by itself."""
+        short, head = lanes.short_of(self.round_lanes), queue[0]
         if short and self.gcfg.share_prefixes:
             if lanes.queued[head.key] >= short or any(o is not None and o.key == head.key for o in occupant):
                 return 1
@@ -439,11 +443,11 @@ class Generator:
     def _prefill(
         self, state: SlotState, lanes: Lanes, more_coming: bool, decoding: bool
     ) -> tuple[SlotState, list[InFlight]]:
-        """Run prefill calls while every lane has a chunk to do: a lane whose prompt is done takes the next
-        waiting one, and a half-prefilled prompt keeps its lane until the next round. Part-empty calls run
-        only when no more prompts will come, when nothing is decoding (else nothing could progress), or when
-        the prompts they carry also hold back enough others (copies of their prefixes, pending or still
-        queued) to count as a full call: 8 samples of one prompt ride on one lane.
+        """Run prefill calls while at least `round_lanes` lanes have a chunk to do: a lane whose prompt is
+        done takes the next waiting one, and a half-prefilled prompt keeps its lane until the next round.
+        Emptier rounds run only when no more prompts will come, when nothing is decoding (else nothing
+        could progress), or when the prompts they carry also hold back enough others (copies of their
+        prefixes, pending or still queued) to make up the round: 8 samples of one prompt ride on one lane.
         Returns the state and the prompts that finished prefill (now decoding)."""
         t0 = time.perf_counter()
         calls, started = [], []
@@ -451,7 +455,7 @@ class Generator:
             state, forked = self._fork(state, lanes)
             started += forked
             lanes.refill()
-            if lanes.busy == 0 or (lanes.shortfall and more_coming and (decoding or started)):
+            if lanes.busy == 0 or (lanes.short_of(self.round_lanes) and more_coming and (decoding or started)):
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
             width, calls_rows = self._call_rows(lanes)
             for rows in calls_rows:

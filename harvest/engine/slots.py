@@ -102,14 +102,13 @@ class Lanes:
     def busy(self) -> int:
         return sum(s is not None for s in self.seqs)
 
-    @property
-    def shortfall(self) -> int:
-        """Prompts a prefill call lacks to be worth its cost: it moves the prompts in the lanes and
+    def short_of(self, width: int) -> int:
+        """Prompts a prefill round lacks to fill `width` lanes: it moves the prompts in the lanes and
         waiting for one forward, and with them those that will copy their caches: the pending ones and
         the queued copies of their prompts (8 samples of one prompt fill a call on one lane)."""
         carried = [s for s in self.seqs if s is not None] + list(self.waiting)
         copies = sum(self.queued[s.key] for s in carried)
-        return max(0, self.size - len(carried) - len(self.pending) - copies)
+        return max(0, width - len(carried) - len(self.pending) - copies)
 
     def refill(self) -> None:
         self.seqs = [s if s is not None else (self.waiting.popleft() if self.waiting else None) for s in self.seqs]
