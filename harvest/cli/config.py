@@ -256,6 +256,7 @@ class RunConfig:
                 prefill_hooks=hooks if "prefill" in phases else (),
                 decode_hooks=hooks if "decode" in phases else (),
                 share_prefixes=self.capture.min_shared_prefix > 0,
+                acts_dtype=self.capture.dtype,
             )
 
 

@@ -22,6 +22,7 @@ from harvest.cli.records import RecordBuilder, read_answer, shared_prompts
 from harvest.engine.generate import CompileCounter, GenerateConfig, Generator
 from harvest.engine.hooks import layers_needed, parse_hooks
 from harvest.engine.stopping import QWEN2_EOS_IDS, token_bytes_of
+from harvest.floats import float_dtype
 from harvest.store.api import open_store
 from harvest.store.format import LONE, PHASES, SEGMENTS, STOP_REASONS, ProcessShare, StoreLayout
 from harvest.store.location import URL, as_root
@@ -118,20 +119,21 @@ def prepare(cfg: RunConfig) -> Work:
 
 
 def check_capture_memory(cfg: RunConfig, gcfg: GenerateConfig, lm: LoadedModel) -> None:
-    """Refuse, rather than swap or die, settings whose buffers would exceed runtime.max_capture_gb:
-    the KV cache (2 x layers x slots x [K, cache_len, Dh]), the decode capture buffers ([slots, T, width]
-    per hook), the prompt activations of one admission wave (up to `decode_slots` prompts, device and
-    host), and the finished sequences queued for the writer."""
+    """Refuse, rather than swap or die, settings whose buffers would exceed runtime.max_capture_gb. On the
+    device, in the model's dtype: the KV cache (2 x layers x slots x [K, cache_len, Dh]), the decode
+    capture buffers ([slots, T, width] per hook) and two prefill calls' activations (Generator._land);
+    on the host, in the storage dtype: the prompts in flight and the finished sequences queued for the
+    writer."""
     c, n = lm.cfg, gcfg.pool_slots
-    itemsize = 4 if cfg.model.dtype == "float32" else 2
+    model_bytes = 4 if cfg.model.dtype == "float32" else 2
     prompt_w = sum(h.width(c) for h in gcfg.prefill_hooks)
     answer_w = sum(h.width(c) for h in gcfg.decode_hooks)
     layers = layers_needed(gcfg.prefill_hooks) if gcfg.prefill_only else c.n_layers
     kv = 2 * layers * n * gcfg.cache_len * c.n_kv_heads * c.head_dim
+    device = kv + n * gcfg.max_new_tokens * answer_w + 2 * gcfg.batch_size * gcfg.prefill_chunk * prompt_w
     per_sequence = gcfg.max_prompt_len * prompt_w + gcfg.max_new_tokens * answer_w
-    floats = kv + n * gcfg.max_new_tokens * answer_w + 2 * n * gcfg.max_prompt_len * prompt_w
-    floats += (cfg.runtime.queue + n) * per_sequence
-    gb = floats * itemsize / 2**30
+    host = n * gcfg.max_prompt_len * prompt_w + (cfg.runtime.queue + n) * per_sequence
+    gb = (device * model_bytes + host * float_dtype(cfg.capture.dtype).itemsize) / 2**30
     if gb > cfg.runtime.max_capture_gb:
         raise ConfigError(
             f"KV cache and capture buffers need about {gb:.1f} GB ({n} cache slots, prompts up to "

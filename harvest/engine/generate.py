@@ -46,6 +46,7 @@ from harvest.engine.slots import InFlight, Lanes, choose_donor, prompt_key
 from harvest.engine.state import PrefillChunk, SlotState, StopTables, empty_state
 from harvest.engine.stopping import STOP_NONE, StopRules
 from harvest.errors import FieldError
+from harvest.floats import FLOAT_DTYPES, cast
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,8 @@ class GenerateConfig:
     decode_hooks: tuple[Hook, ...] = ()
     edit: Edit | None = None  # one hook's value replaced in prefill and decode (Generator's edit_params)
     share_prefixes: bool = True  # a prompt starting like one in flight copies its cache (engine.slots)
+    acts_dtype: str | None = None  # captured activations reach the host as this float dtype (a store's
+    # storage dtype: prompts in flight then take its bytes; float16 overflow is refused); None: the model's
 
     def __post_init__(self):
         for name in ("batch_size", "decode_slots", "max_prompt_len", "segment_steps"):
@@ -95,6 +98,8 @@ class GenerateConfig:
             raise FieldError("prefill_chunk", f"{self.prefill_chunk} is impossible; it must be a power of two >= 16")
         if not 0 <= self.seed < 2**32:
             raise FieldError("seed", f"{self.seed} is impossible; it must be in [0, 2**32)")
+        if self.acts_dtype is not None and self.acts_dtype not in FLOAT_DTYPES:
+            raise FieldError("acts_dtype", f"{self.acts_dtype!r} is not one of {', '.join(FLOAT_DTYPES)}")
         if not all(self.stop_strings):
             raise FieldError("stop_strings", "must be non-empty strings: an empty one would stop every row at once")
 
@@ -277,7 +282,7 @@ class Generator:
                         int(stop_reason[slot]),
                         float(logprob[slot]),
                         seq.prompt_acts(),
-                        {k: np.asarray(a[:n]) for k, a in acts.items()},
+                        {k: self._on_host(a[:n]) for k, a in acts.items()},
                     )
         self._state = state if n_slots == g.decode_slots else None
 
@@ -407,10 +412,10 @@ class Generator:
             return w, [busy[i : i + w] for i in range(0, len(busy), w)]
         return lanes.size, [list(range(lanes.size))]
 
-    def _prefill_call(self, state: SlotState, width: int, seqs: list, calls: list) -> tuple[SlotState, list[InFlight]]:
+    def _prefill_call(self, state: SlotState, width: int, seqs: list) -> tuple[SlotState, list[InFlight], tuple]:
         """One prefill call `width` lanes wide: lane r carries seqs[r]'s next chunk (None, or past the list:
-        idle). Appends the call's activations to `calls`; returns the state and the prompts whose last
-        chunk it ran."""
+        idle). Returns the state, the prompts whose last chunk it ran, and its activations still on the
+        device with where their rows go (for `_land`)."""
         g, c = self.gcfg, self.gcfg.prefill_chunk
         slot = np.full(width, g.pool_slots, np.int32)
         tokens = np.zeros((width, c), np.int32)
@@ -418,6 +423,7 @@ class Generator:
         n_valid = np.zeros(width, np.int32)
         ids = np.zeros(width, np.uint32)
         last = np.zeros(width, bool)
+        placed = []  # (sequence, lane, first prompt row, rows)
         for r, seq in enumerate(seqs):
             if seq is None:
                 continue
@@ -425,7 +431,7 @@ class Generator:
             piece = seq.prompt[begin : begin + c]
             slot[r], start[r], n_valid[r], ids[r] = seq.slot, begin, len(piece), seq.sequence_id
             tokens[r, : len(piece)] = piece
-            seq.pieces.append((len(calls), r, len(piece)))
+            placed.append((seq, r, begin, len(piece)))
             seq.next_chunk += 1
             last[r] = begin + c >= len(seq.prompt)
         chunk = PrefillChunk(slot, tokens, start, n_valid, last, ids, np.uint32(g.seed))
@@ -435,10 +441,25 @@ class Generator:
             state, acts = prefill_chunk(
                 self.cfg, g.prefill_hooks, self.params, state, chunk, not g.prefill_only, g.edit, self.edit_params
             )
-        calls.append(acts)
         self.timings["prefill_calls"] += 1
         self.timings["narrow_prefill_calls"] += width < g.batch_size
-        return state, [seq for seq, done in zip(seqs, last) if done]
+        return state, [seq for seq, done in zip(seqs, last) if done], (acts, placed)
+
+    def _land(self, call: tuple | None) -> None:
+        """Move one prefill call's activations to the host, straight into their prompts' arrays. Called
+        once the next call is queued, so the device is never idle for it, and at most two calls'
+        activations are ever on the device: a round's memory does not grow with its prompts."""
+        if call is None:
+            return
+        acts, placed = call
+        host = jax.device_get(acts)  # hook name -> [width, chunk, d]
+        for seq, r, begin, n in placed:
+            for h in self.gcfg.prefill_hooks:
+                seq.land(h.name, begin, self._on_host(host[h.name][r, :n]))
+
+    def _on_host(self, acts: np.ndarray) -> np.ndarray:
+        """Activations as the host keeps them: `acts_dtype`, or the model's."""
+        return np.asarray(acts) if self.gcfg.acts_dtype is None else cast(acts, self.gcfg.acts_dtype)
 
     def _prefill(
         self, state: SlotState, lanes: Lanes, more_coming: bool, decoding: bool
@@ -450,7 +471,7 @@ class Generator:
         prefixes, pending or still queued) to make up the round: 8 samples of one prompt ride on one lane.
         Returns the state and the prompts that finished prefill (now decoding)."""
         t0 = time.perf_counter()
-        calls, started = [], []
+        started, in_flight, n_calls = [], None, 0  # in_flight: the last call, its activations not yet landed
         while True:
             state, forked = self._fork(state, lanes)
             started += forked
@@ -459,15 +480,12 @@ class Generator:
                 break  # a part-empty call waits for more prompts, unless none will come or nothing else can run
             width, calls_rows = self._call_rows(lanes)
             for rows in calls_rows:
-                state, finished = self._prefill_call(state, width, [lanes.seqs[r] for r in rows], calls)
+                state, finished, call = self._prefill_call(state, width, [lanes.seqs[r] for r in rows])
+                self._land(in_flight)
+                in_flight, n_calls = call, n_calls + 1
                 started += finished
             lanes.seqs = [None if seq in started else seq for seq in lanes.seqs]
-        if calls:  # move this round's activations to the host, one transfer per call
-            host = jax.device_get(calls)
-            for seq in [*started, *(s for s in lanes.seqs if s is not None)]:
-                for i, r, n in seq.pieces:
-                    for h in self.gcfg.prefill_hooks:
-                        seq.prefill_acts.setdefault(h.name, []).append(np.array(host[i][h.name][r, :n]))
-                seq.pieces = []
+        self._land(in_flight)
+        if n_calls:
             self.timings["prefill_seconds"] += time.perf_counter() - t0
         return state, started

@@ -28,8 +28,8 @@ class InFlight:
     donor: InFlight | None = None  # the sequence whose cache holds this prompt's first `shared` tokens
     shared: int = 0  # prompt tokens copied from the donor instead of prefilled (a whole chunk count or len)
     forked: bool = False
-    pieces: list = dataclasses.field(default_factory=list)  # this round's (prefill call index, lane, n_valid)
-    prefill_acts: dict = dataclasses.field(default_factory=dict)  # hook name -> host arrays, chunk by chunk
+    prefill_acts: dict = dataclasses.field(default_factory=dict)  # hook name -> [n, width] host array, filled
+    # chunk by chunk as each prefill call lands; rows below `shared` are filled from the donor when read
 
     @property
     def whole_shared(self) -> bool:
@@ -44,13 +44,24 @@ class InFlight:
     def can_fork(self, chunk: int) -> bool:
         return self.donor is not None and not self.forked and self.donor.covered(chunk) >= self.shared
 
+    def land(self, name: str, begin: int, rows: np.ndarray) -> None:
+        """Put one prefilled chunk's activations ([n, width], prompt rows from `begin`) in place."""
+        buf = self.prefill_acts.get(name)
+        if buf is None:  # one array per hook for the whole prompt: no per-chunk copies to join later
+            buf = self.prefill_acts[name] = np.empty((len(self.prompt), rows.shape[-1]), rows.dtype)
+        buf[begin : begin + len(rows)] = rows
+
     def prompt_acts(self) -> dict[str, np.ndarray]:
-        """hook name -> [rows so far, width]: the donor's first `shared` rows, then this sequence's own."""
-        own = {k: np.concatenate(v) for k, v in self.prefill_acts.items()}
+        """hook name -> [n, width], once prefill is done: the donor's first `shared` rows, then this
+        sequence's own. A whole copy of a prompt gets the donor's arrays themselves (read-only use)."""
         if self.donor is None:
-            return own
+            return self.prefill_acts
         borrowed = self.donor.prompt_acts()
-        return {k: np.concatenate([a[: self.shared], *([own[k]] if k in own else [])]) for k, a in borrowed.items()}
+        if self.whole_shared:
+            return borrowed
+        for k, a in borrowed.items():
+            self.prefill_acts[k][: self.shared] = a[: self.shared]
+        return self.prefill_acts
 
 
 def prompt_key(prompt: np.ndarray) -> int:

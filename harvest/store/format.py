@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from harvest.floats import FLOAT_DTYPES
 from harvest.store.location import TMP_MARK, URL, as_root
 from harvest.store.objectstore import files_for
 
@@ -34,7 +35,7 @@ FORMAT_VERSION = 3  # 2: per-chunk crc32c, every chunk written, a file manifest 
 # 3: shared prompt prefixes: a sequence may store only the prompt rows past a prefix another sequence holds
 
 CODECS = ("blosc-zstd", "zstd", "none")
-STORAGE_DTYPES = ("bfloat16", "float16", "float32")
+STORAGE_DTYPES = FLOAT_DTYPES  # what the host can cast activations to (harvest.floats)
 
 # ---------------------------------------------------------------- vocabularies (code -> name)
 

@@ -25,7 +25,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from harvest import failpoints
+from harvest import failpoints, floats
 from harvest.store.format import (
     CODECS,
     DERIVED_TOKEN_COLUMNS,
@@ -78,19 +78,12 @@ def storage_numpy_dtype(storage_dtype: str) -> np.dtype:
 
 
 def to_storage(x: np.ndarray, storage_dtype: str) -> np.ndarray:
-    """Cast compute-dtype activations to the on-disk bits (bit-exact when the dtypes match)."""
-    x = np.asarray(x)
-    if storage_dtype == "bfloat16":
-        return x.astype(ml_dtypes.bfloat16, copy=False).view(np.uint16)
-    with np.errstate(over="ignore"):  # checked just below, with a clearer message
-        y = x.astype(storage_dtype, copy=False)
-    if storage_dtype == "float16" and x.dtype != np.float16 and not np.isfinite(y).all() and np.isfinite(x).all():
-        # Large Qwen2 models carry residual values past float16's 65504: never store them as inf.
-        raise StoreError(
-            f"activations up to {float(np.abs(x).max()):.0f} overflow float16 storage; "
-            f"use capture.dtype bfloat16 or float32"
-        )
-    return y
+    """Cast activations to the on-disk bits (bit-exact when the dtypes match): float16 overflow is refused."""
+    try:
+        y = floats.cast(x, storage_dtype)
+    except floats.FloatOverflowError as e:
+        raise StoreError(str(e)) from None
+    return y.view(np.uint16) if storage_dtype == "bfloat16" else y
 
 
 def from_storage(x: np.ndarray, logical_dtype: str | None) -> np.ndarray:

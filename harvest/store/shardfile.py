@@ -52,15 +52,17 @@ def write_shard_object(path: Path, data: np.ndarray, rows: int, codec, pool: Thr
         raise NotImplementedError("the bytes codec stores little-endian rows; this writer runs on little-endian hosts")
     starts = range(0, len(data), rows)
     encode = lambda a: _encode(data, a, rows, codec)  # noqa: E731
-    chunks = list(pool.map(encode, starts) if pool is not None else map(encode, starts))
-    sizes = np.array([memoryview(c).nbytes + 4 for c, _ in chunks], np.uint64)
-    index = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64), sizes], 1)  # [chunks, 2]
-    index_bytes = index.astype("<u8").tobytes()
+    sizes = []
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        for c, crc in chunks:
+        # written as they come, in order: the index is at the end, so no chunk waits for the others
+        for c, crc in pool.map(encode, starts) if pool is not None else map(encode, starts):
             f.write(c)
             f.write(crc)
+            sizes.append(memoryview(c).nbytes + 4)
+        sizes = np.array(sizes, np.uint64)
+        index = np.stack([np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.uint64), sizes], 1)  # [chunks, 2]
+        index_bytes = index.astype("<u8").tobytes()
         f.write(index_bytes)
         f.write(crc32c_bytes(index_bytes).to_bytes(4, "little"))
     return int(sizes.sum()) + len(index_bytes) + 4

@@ -13,6 +13,7 @@ from harvest.engine.prefill import forward
 from harvest.engine.sampling import SamplingConfig
 from harvest.engine.stopping import STOP_EOS, STOP_LENGTH, STOP_STRING
 from harvest.errors import FieldError
+from harvest.floats import FloatOverflowError, float_dtype
 from helpers.models import random_ids
 
 torch = pytest.importorskip("torch")
@@ -207,6 +208,33 @@ def test_rejects_bad_prompts_and_configs(loaded_tiny):
         GenerateConfig(batch_size=2, decode_slots=4, tail_slots=4)
     with pytest.raises(FieldError, match=r"narrow_lanes: 5 is impossible; it must be in \[0, batch_size / 2 = 4\]"):
         GenerateConfig(batch_size=8, narrow_lanes=5)
+
+
+def test_acts_reach_the_host_in_acts_dtype_and_float16_overflow_is_refused(loaded_tiny):
+    """acts_dtype: each prompt chunk is cast as it lands and each answer as it is read, so the host
+    keeps the storage dtype's bytes; the values are the model's cast, bit for bit. Values past
+    float16's range are refused, never kept as inf."""
+    lm = loaded_tiny
+    hooks = hooks_of(lm)
+    prompts = [list(random_ids(n, 40 + n)) for n in (300, 7, 129)]
+    kw = dict(prefill_hooks=hooks, decode_hooks=hooks, max_new_tokens=6, fixed_length=True)
+    wide = gen(lm, **kw).generate(prompts, [0, 1, 2])
+    for name in ("float16", "bfloat16"):
+        narrow = gen(lm, acts_dtype=name, **kw).generate(prompts, [0, 1, 2])
+        for a, b in zip(wide, narrow):
+            np.testing.assert_array_equal(b.tokens, a.tokens)
+            for h in hooks:
+                for got, want in ((b.prefill_acts[h.name], a.prefill_acts[h.name]),
+                                  (b.decode_acts[h.name], a.decode_acts[h.name])):  # fmt: skip
+                    assert got.dtype == float_dtype(name) and want.dtype == np.float32
+                    np.testing.assert_array_equal(got.view(np.uint16), want.astype(got.dtype).view(np.uint16))
+    loud = {**lm.params, "embed": lm.params["embed"] * 1e8}  # the residual stream carries the embedding
+    cfg = GenerateConfig(batch_size=2, decode_slots=2, prefill_chunk=64, max_prompt_len=600, **kw)
+    assert Generator(lm.cfg, loud, dataclasses.replace(cfg, acts_dtype="bfloat16")).generate(prompts[1:2], [0])
+    with pytest.raises(FloatOverflowError, match=r"activations up to \d+ overflow float16; use capture.dtype"):
+        Generator(lm.cfg, loud, dataclasses.replace(cfg, acts_dtype="float16")).generate(prompts[1:2], [0])
+    with pytest.raises(FieldError, match="acts_dtype: 'int8' is not one of bfloat16, float16, float32"):
+        GenerateConfig(acts_dtype="int8")
 
 
 def test_prefill_only_stops_at_the_deepest_hook_and_equals_a_full_run(loaded_tiny):
