@@ -9,7 +9,8 @@ The pool has `decode_slots` slots. Each round: free slots take the next prompts 
 prompts are prefilled into their slots by `batch_size` lanes, chunk by chunk (while more prompts wait, a
 round runs only with at least `narrow_lanes` lanes busy, a narrow call costing per lane what a full one
 does; a half-prefilled prompt keeps its lane for the next round; when at most half the lanes are busy,
-their chunks go in calls `narrow_lanes` wide); then one decode segment runs until enough rows finish to
+their chunks go in calls `narrow_lanes` wide; each call's activations move to the host, in `acts_dtype`,
+once the next call is queued); then one decode segment runs until enough rows finish to
 fill a narrow call's lanes (or `segment_steps` steps), so freed slots refill soon, and
 finished slots are read and handed back. At the end, when no prompt waits and at most `tail_slots` rows
 are live, they move to a small pool. Shapes never depend on the prompts: a stream compiles at most two
