@@ -472,7 +472,7 @@ class Generator:
         prefixes, pending or still queued) to make up the round: 8 samples of one prompt ride on one lane.
         Returns the state and the prompts that finished prefill (now decoding)."""
         t0 = time.perf_counter()
-        started, in_flight, n_calls = [], None, 0  # in_flight: the last call, its activations not yet landed
+        started, in_flight = [], None  # in_flight: the last call issued (its activations land after the next)
         while True:
             state, forked = self._fork(state, lanes)
             started += forked
@@ -483,10 +483,10 @@ class Generator:
             for rows in calls_rows:
                 state, finished, call = self._prefill_call(state, width, [lanes.seqs[r] for r in rows])
                 self._land(in_flight)
-                in_flight, n_calls = call, n_calls + 1
+                in_flight = call
                 started += finished
             lanes.seqs = [None if seq in started else seq for seq in lanes.seqs]
         self._land(in_flight)
-        if n_calls:
+        if in_flight is not None:  # some call ran
             self.timings["prefill_seconds"] += time.perf_counter() - t0
         return state, started
