@@ -1,6 +1,8 @@
 """harvest.hostmem: freed host memory goes back to the OS (glibc), at most once per interval."""
 
 import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -36,3 +38,34 @@ def test_release_runs_at_most_once_per_interval():
     assert hostmem.release(force=True)
     assert not hostmem.release()  # just ran
     assert hostmem.release(force=True)
+
+
+ARENA_PROBE = """
+import ctypes, sys, threading
+from harvest import hostmem
+if sys.argv[1] == "limit":
+    assert hostmem.limit_arenas(2)
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.fopen.restype = ctypes.c_void_p
+start, held = threading.Barrier(8), []
+def work():  # each thread's first malloc takes an arena: its own, unless the limit is reached
+    start.wait()
+    held.append(libc.malloc(1 << 16))
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+f = libc.fopen(sys.argv[2].encode(), b"w")
+libc.malloc_info(0, ctypes.c_void_p(f))
+libc.fclose(ctypes.c_void_p(f))
+"""
+
+
+@pytest.mark.parametrize("mode", ["default", "limit"])
+def test_limit_arenas_caps_the_heaps_threads_take(tmp_path, mode):
+    """glibc gives each new thread an arena of its own (up to 8 per core); after limit_arenas(2), eight
+    threads share at most two (malloc_info lists one <heap> per arena)."""
+    out = tmp_path / "info.xml"
+    subprocess.run([sys.executable, "-c", ARENA_PROBE, mode, str(out)], check=True, timeout=120)
+    heaps = out.read_text().count("<heap nr=")
+    assert heaps <= 2 if mode == "limit" else heaps > 2, heaps

@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from harvest import arc, failpoints
+from harvest import arc, failpoints, hostmem
 from harvest.cli import distributed, provenance
 from harvest.cli.config import ConfigError, RunConfig, data_fingerprint, library_checks
 from harvest.cli.output import check_output, last_session_start, prepare_output
@@ -193,6 +193,7 @@ def run(cfg: RunConfig, overwrite: bool = False, work: Work | None = None) -> di
     its own leftovers and writes only the shard indices it owns. Process 0 alone deletes on
     --overwrite and writes run.json and summary.json, each after a barrier."""
     share = distributed.start(cfg.runtime.distributed)  # first: it must run before any device is used
+    hostmem.limit_arenas()  # before the writer's and the weight hash's threads take arenas of their own
     out = as_root(cfg.output.path)
     check_output(out)
     started = provenance.now()

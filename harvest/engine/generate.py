@@ -246,6 +246,9 @@ class Generator:
             self._admit(queue, occupant, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=bool(live))
             live.update(seq.slot for seq in started)
+            # `occupant` holds these; the list would keep those that finish alive, activations and all, through
+            # the next round (a wave of short answers finishing together: twice the pool's prompts on the host)
+            del started
             if not live:
                 continue
             if not queue and not lanes.busy and not lanes.pending and len(live) <= self.tail_pool < len(occupant):
@@ -294,7 +297,8 @@ class Generator:
         while queue or any(occupant):
             self._admit(queue, occupant, lanes)
             state, started = self._prefill(state, lanes, more_coming=bool(queue), decoding=False)
-            for seq in started:
+            while started:  # popped, so a finished prompt's activations go with it, not at the next round
+                seq = started.pop(0)
                 occupant[seq.slot] = None
                 acts = seq.prompt_acts()
                 yield Finished(seq.sequence_id, len(seq.prompt), np.zeros(0, np.int32), STOP_NONE, 0.0, acts, {})
@@ -487,6 +491,9 @@ class Generator:
                 started += finished
             lanes.seqs = [None if seq in started else seq for seq in lanes.seqs]
         self._land(in_flight)
+        for seq in [*started, *lanes.waiting, *lanes.seqs]:  # every call has landed: donors' rows are all here
+            if seq is not None:
+                seq.settle()
         if in_flight is not None:  # some call ran
             self.timings["prefill_seconds"] += time.perf_counter() - t0
         return state, started

@@ -51,6 +51,16 @@ class InFlight:
             buf = self.prefill_acts[name] = np.empty((len(self.prompt), rows.shape[-1]), rows.dtype)
         buf[begin : begin + len(rows)] = rows
 
+    def settle(self) -> None:
+        """Copy the donor's rows of a partly shared prompt into this prompt's own arrays and let the donor
+        go, so that a finished donor's arrays are freed with it rather than held while this one decodes.
+        Call once the donor's rows below `shared` have landed (the end of the round that forked this one)."""
+        if self.donor is None or self.whole_shared or not self.forked:
+            return
+        for name, rows in self.donor.prompt_acts().items():
+            self.land(name, 0, rows[: self.shared])
+        self.donor = None
+
     def prompt_acts(self) -> dict[str, np.ndarray]:
         """hook name -> [n, width], once prefill is done: the donor's first `shared` rows, then this
         sequence's own. A whole copy of a prompt gets the donor's arrays themselves (read-only use)."""

@@ -1,6 +1,7 @@
 """Continuous batching equals a full forward pass, each prompt alone, and transformers' generate."""
 
 import dataclasses
+import weakref
 
 import jax.numpy as jnp
 import numpy as np
@@ -235,6 +236,24 @@ def test_acts_reach_the_host_in_acts_dtype_and_float16_overflow_is_refused(loade
         Generator(lm.cfg, loud, dataclasses.replace(cfg, acts_dtype="float16")).generate(prompts[1:2], [0])
     with pytest.raises(FieldError, match="acts_dtype: 'int8' is not one of bfloat16, float16, float32"):
         GenerateConfig(acts_dtype="int8")
+
+
+def test_a_finished_sequence_is_freed_once_the_consumer_drops_it(loaded_tiny):
+    """The engine keeps nothing of a sequence it has handed over, not even while it prefills the next
+    prompts: a round's list of new prompts once kept a whole wave of them, activations and all, alive
+    until the next round (a wave of short answers finishing together: twice the pool's prompts)."""
+    lm = loaded_tiny
+    hooks = hooks_of(lm)
+    prompts = [list(random_ids(n, 60 + n)) for n in (130, 70, 90, 100, 80, 120, 65)]
+    for new in (2, 0):  # all rows of a wave stop together; prefill only
+        g = gen(lm, prefill_hooks=hooks, max_new_tokens=new, fixed_length=True, batch_size=2, decode_slots=2)
+        handed = []
+        for done in g.stream(enumerate(prompts)):
+            handed.append(weakref.ref(done.prefill_acts[hooks[0].name]))
+            del done
+            # the one just handed over may still be the engine's loop variable; none before it may live
+            assert [r() is None for r in handed[:-1]] == [True] * (len(handed) - 1), (new, len(handed))
+        assert len(handed) == len(prompts)
 
 
 def test_prefill_only_stops_at_the_deepest_hook_and_equals_a_full_run(loaded_tiny):

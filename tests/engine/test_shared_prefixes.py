@@ -1,6 +1,8 @@
 """Shared prompt prefixes: a prompt that starts like one in flight copies its cache instead of
 recomputing it, and every sequence still equals the same prompt run without sharing."""
 
+import weakref
+
 import numpy as np
 
 from harvest.engine.generate import GenerateConfig, Generator
@@ -96,3 +98,21 @@ def test_a_copy_admitted_while_its_donor_decodes_is_never_prefilled(loaded_tiny)
     assert_same_sequences(shared.generate(prompts, ids), want)
     assert shared.timings["prefill_calls"] == -(-len(A) // CHUNK)  # the first sample's chunks only
     assert shared.timings["shared_prompt_tokens"] == 3 * len(A)
+
+
+def test_a_handed_over_donor_is_freed_while_a_prompt_it_lent_to_is_in_flight(loaded_tiny):
+    """A partly shared prompt copies its donor's rows into its own arrays once they have landed (the end
+    of the round that forked it), so the donor's activations go when the donor is handed over, not when
+    the last prompt that borrowed from it does."""
+    lm = loaded_tiny
+    prompts = {0: A, 1: A[:200] + list(random_ids(300, 9)), 2: list(random_ids(70, 10))}  # 1 outlives 0
+    kw = dict(max_new_tokens=0, max_prompt_len=600)
+    want = {d.sequence_id: d for d in gen(lm, share=False, **kw).generate(list(prompts.values()), list(prompts))}
+    g = gen(lm, share=True, **kw)
+    handed = []
+    for done in g.stream(prompts.items()):
+        assert_same_sequences([done], [want[done.sequence_id]])
+        handed.append((done.sequence_id, weakref.ref(next(iter(done.prefill_acts.values())))))
+        del done
+        assert [i for i, r in handed[:-1] if r() is not None] == [], handed
+    assert [i for i, _ in handed] == [0, 2, 1] and g.timings["shared_prompt_tokens"] == 192
